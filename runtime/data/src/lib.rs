@@ -1,0 +1,1 @@
+//! virnuc-data (work in progress).

@@ -1,0 +1,1 @@
+//! virnuc-engine (work in progress).

@@ -1,0 +1,1 @@
+//! virnuc-output (work in progress).
