@@ -1,1 +1,190 @@
-//! virnuc-data (work in progress).
+//! FASTA/FASTQ in, packed ESM-2 batches out: the CPU side of virnuc-trt.
+//!
+//! ```text
+//!  inputs ─► reader thread (needletail) ─► worker threads: chunk → six-frame translate → tokenize
+//!        ─► packer thread: reorder by sequence number, FFD over a sliding window ─► prefetch queue ─► you
+//! ```
+//!
+//! Every channel is bounded and the number of record batches in flight is capped, so memory stays
+//! bounded whatever the input size and a slow consumer slows the reader down (back-pressure). Output
+//! indices and pack contents depend only on the input and the configuration, never on the number of
+//! workers.
+//!
+//! Modules, one per concern: [`loader`] (reading records), [`chunk`] (VirNucPro's chunking),
+//! [`translate`] (six-frame translation), [`tokenize`] (ESM-2 alphabet and long sequences), [`pack`]
+//! (FFD packer), [`report`] (run report), [`pipeline`] (threads and the public entry points).
+//!
+//! ```
+//! use std::io::Write;
+//! let mut f = tempfile::NamedTempFile::new().unwrap();
+//! writeln!(f, ">contig1\nATGGCCAAAGGGTTTCCCATGGCC").unwrap();
+//! let config = virnuc_data::PipelineConfig {
+//!     inputs: vec![f.path().to_path_buf()],
+//!     ..Default::default()
+//! };
+//! let mut pipeline = virnuc_data::start(config).unwrap();
+//! let packs: Vec<_> = pipeline.by_ref().collect::<Result<_, _>>().unwrap();
+//! let report = pipeline.finish().unwrap();
+//! report.check_accounting().unwrap();
+//! assert_eq!(packs[0].sequences[0].id, "contig1_chunk_1F1");
+//! ```
+
+pub mod chunk;
+pub mod loader;
+pub mod pack;
+pub mod pipeline;
+pub mod report;
+pub mod tokenize;
+pub mod translate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use pipeline::{Pipeline, ProteinRecord, Proteins, proteins, start};
+pub use report::RunReport;
+pub use tokenize::LongPolicy;
+
+/// What the inputs hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// DNA: VirNucPro chunking, six-frame translation, stop-free frames kept.
+    #[default]
+    Nucleotide,
+    /// Proteins, straight to the tokenizer.
+    Protein,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Nucleotide => "nucleotide",
+            Mode::Protein => "protein",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "nucleotide" => Ok(Self::Nucleotide),
+            "protein" => Ok(Self::Protein),
+            other => Err(format!("unknown mode {other:?} (nucleotide|protein)")),
+        }
+    }
+}
+
+/// Resume predicate: returns true for output indices already done.
+pub type SkipFn = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
+/// Everything [`start`] needs.
+#[derive(Clone)]
+pub struct PipelineConfig {
+    /// FASTA/FASTQ files, plain or compressed; `-` is standard input.
+    pub inputs: Vec<PathBuf>,
+    pub mode: Mode,
+    /// Nucleotide chunk length (VirNucPro: 300 or 500).
+    pub chunk_len: usize,
+    /// Drop residues of ambiguous codons as VirNucPro does, instead of translating them to `X`.
+    pub virnucpro_compat: bool,
+    /// Residues per sequence, `<cls>`/`<eos>` excluded (fair-esm truncates at 1022).
+    pub max_residues: usize,
+    pub long: LongPolicy,
+    /// Tokens per pack, special tokens included.
+    pub token_budget: usize,
+    pub max_seqs_per_pack: Option<usize>,
+    /// Sequences considered together by the packer.
+    pub window: usize,
+    /// Translation/tokenization threads; 0 = available parallelism.
+    pub workers: usize,
+    /// Packs ready ahead of the consumer.
+    pub prefetch: usize,
+    /// Output indices already done (resume): counted, not packed.
+    pub skip: Option<SkipFn>,
+}
+
+impl std::fmt::Debug for PipelineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineConfig")
+            .field("inputs", &self.inputs)
+            .field("mode", &self.mode)
+            .field("chunk_len", &self.chunk_len)
+            .field("virnucpro_compat", &self.virnucpro_compat)
+            .field("max_residues", &self.max_residues)
+            .field("long", &self.long)
+            .field("token_budget", &self.token_budget)
+            .field("max_seqs_per_pack", &self.max_seqs_per_pack)
+            .field("window", &self.window)
+            .field("workers", &self.workers)
+            .field("prefetch", &self.prefetch)
+            .field("skip", &self.skip.as_ref().map(|_| "fn"))
+            .finish()
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            inputs: Vec::new(),
+            mode: Mode::Nucleotide,
+            chunk_len: 500,
+            virnucpro_compat: false,
+            max_residues: 1022,
+            long: LongPolicy::Truncate,
+            token_budget: 16384,
+            max_seqs_per_pack: None,
+            window: 4096,
+            workers: 0,
+            prefetch: 4,
+            skip: None,
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Rejects settings the pipeline cannot run with.
+    pub fn validate(&self) -> Result<(), DataError> {
+        let bad = |m: &str| Err(DataError::Config(m.to_string()));
+        if self.inputs.is_empty() {
+            return bad("no input files");
+        }
+        if self.chunk_len < 3 {
+            return bad("chunk_len must be at least 3 (one codon)");
+        }
+        if self.max_residues == 0 {
+            return bad("max_residues must be positive");
+        }
+        if self.token_budget == 0 || self.window == 0 || self.prefetch == 0 {
+            return bad("token_budget, window and prefetch must be positive");
+        }
+        if self.max_seqs_per_pack == Some(0) {
+            return bad("max_seqs_per_pack must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the data path. Input errors name the file and the 1-based record number.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read {file}: {message}")]
+    Open { file: String, message: String },
+    #[error("{file}: record {record}{}: {message}", id.as_ref().map(|i| format!(" ('{i}')")).unwrap_or_default())]
+    Record {
+        file: String,
+        record: u64,
+        id: Option<String>,
+        message: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("the {0} thread panicked")]
+    Panic(&'static str),
+    /// Returned by [`Pipeline::finish`] when the run hit an error; the report shows how far it got.
+    #[error("run failed: {first}")]
+    RunFailed {
+        first: String,
+        report: Box<RunReport>,
+    },
+}

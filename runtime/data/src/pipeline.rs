@@ -1,0 +1,604 @@
+//! The threads: reader → workers → packer → prefetch queue, and the sequential [`proteins`] view.
+//!
+//! * The reader groups records into batches of about [`BATCH_BYTES`] of sequence, numbers them, and
+//!   may only send a batch after taking a ticket; the packer returns a ticket for each batch it
+//!   consumes in order. At most `tickets` batches are thus in flight anywhere (work queue, workers,
+//!   reorder buffer), which bounds memory even when one worker is slow on a huge record.
+//! * Workers chunk, translate and tokenize a batch and send it back with its number.
+//! * The packer reorders batches by number, assigns output indices in input order, applies the resume
+//!   predicate, packs, and sends packs to the bounded prefetch queue.
+//! * An input error travels as a numbered batch too: packs of every earlier record are delivered
+//!   first, then the error, then the iterator ends.
+//! * Dropping the [`Pipeline`] (or calling [`Pipeline::finish`] early) closes the prefetch queue; each
+//!   stage then sees its channel closed and stops.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use virnuc_core::{PackedBatch, SequenceMeta};
+
+use crate::chunk::chunks;
+use crate::loader::{RecordRef, Source, SourceStats};
+use crate::pack::{PackItem, PackStats, Packer, PackerConfig};
+use crate::report::{RunReport, StageStats};
+use crate::tokenize::{LongPolicy, long_pieces, tokenize};
+use crate::translate::{Ambiguity, Frame, FrameOutcome, Translator};
+use crate::{DataError, Mode, PipelineConfig};
+
+/// Sequence bytes per reader batch: large enough to amortize channel traffic, small enough that
+/// a few dozen batches in flight stay in a few MB.
+pub const BATCH_BYTES: usize = 256 * 1024;
+const BATCH_RECORDS: usize = 4096;
+
+/// Settings of the per-record stages.
+#[derive(Debug, Clone, Copy)]
+struct StageConfig {
+    mode: Mode,
+    chunk_len: usize,
+    ambiguity: Ambiguity,
+    max_residues: usize,
+    long: LongPolicy,
+}
+
+impl From<&PipelineConfig> for StageConfig {
+    fn from(c: &PipelineConfig) -> Self {
+        Self {
+            mode: c.mode,
+            chunk_len: c.chunk_len,
+            ambiguity: if c.virnucpro_compat {
+                Ambiguity::Drop
+            } else {
+                Ambiguity::X
+            },
+            max_residues: c.max_residues,
+            long: c.long,
+        }
+    }
+}
+
+/// Per-record stages with reusable buffers: record → named protein pieces.
+#[derive(Debug)]
+struct RecordProcessor {
+    config: StageConfig,
+    translator: Translator,
+    name: String,
+    piece_name: String,
+}
+
+impl RecordProcessor {
+    fn new(config: StageConfig) -> Self {
+        Self {
+            config,
+            translator: Translator::default(),
+            name: String::new(),
+            piece_name: String::new(),
+        }
+    }
+
+    /// Runs one non-empty record through the stages; `emit(name, residues)` gets each final sequence.
+    fn process(
+        &mut self,
+        id: &str,
+        seq: &[u8],
+        stats: &mut StageStats,
+        emit: &mut impl FnMut(&str, &[u8]),
+    ) {
+        stats.records_processed += 1;
+        let c = self.config;
+        match c.mode {
+            Mode::Protein => {
+                let residues = match seq.split_last() {
+                    Some((b'*', rest)) => {
+                        stats.terminal_stops_stripped += 1;
+                        rest
+                    }
+                    _ => seq,
+                };
+                let Self {
+                    name, piece_name, ..
+                } = self;
+                name.clear();
+                name.push_str(id);
+                emit_pieces(name, piece_name, residues, c, stats, emit);
+            }
+            Mode::Nucleotide => {
+                for (k, range) in chunks(seq.len(), c.chunk_len) {
+                    stats.chunks += 1;
+                    self.translator.load(&seq[range], c.ambiguity);
+                    for frame in Frame::ALL {
+                        stats.frames += 1;
+                        let (outcome, ambiguous) = self.translator.frame(frame, c.ambiguity);
+                        stats.ambiguous_codons += ambiguous as u64;
+                        match outcome {
+                            FrameOutcome::Stop => stats.frames_dropped_stop += 1,
+                            FrameOutcome::Empty => stats.frames_dropped_empty += 1,
+                            FrameOutcome::Kept => {
+                                stats.frames_kept += 1;
+                                let Self {
+                                    name,
+                                    piece_name,
+                                    translator,
+                                    ..
+                                } = self;
+                                name.clear();
+                                // Writing to a String cannot fail.
+                                let _ = write!(name, "{id}_chunk_{k}{}", frame.suffix());
+                                emit_pieces(name, piece_name, &translator.protein, c, stats, emit);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Applies the long-sequence policy to one protein and emits its pieces.
+fn emit_pieces(
+    name: &str,
+    piece_name: &mut String,
+    residues: &[u8],
+    c: StageConfig,
+    stats: &mut StageStats,
+    emit: &mut impl FnMut(&str, &[u8]),
+) {
+    stats.proteins += 1;
+    if residues.len() > c.max_residues {
+        match c.long {
+            LongPolicy::Split => {
+                stats.long_split += 1;
+                stats.split_extra_windows += (residues.len().div_ceil(c.max_residues) - 1) as u64;
+            }
+            LongPolicy::Truncate => {
+                stats.long_truncated += 1;
+                stats.residues_truncated += (residues.len() - c.max_residues) as u64;
+            }
+            LongPolicy::Skip => stats.long_skipped += 1,
+        }
+    }
+    for (range, window) in long_pieces(residues.len(), c.max_residues, c.long) {
+        stats.sequences += 1;
+        match window {
+            Some(w) => {
+                piece_name.clear();
+                let _ = write!(piece_name, "{name}_w{w}");
+                emit(piece_name, &residues[range]);
+            }
+            None => emit(name, &residues[range]),
+        }
+    }
+}
+
+/// Records read by the reader, owned, concatenated.
+#[derive(Debug, Default)]
+struct RecordBatch {
+    ids: String,
+    id_ends: Vec<usize>,
+    seqs: Vec<u8>,
+    seq_ends: Vec<usize>,
+}
+
+/// Tokenized sequences of one batch, concatenated.
+#[derive(Debug, Default)]
+struct TokenBatch {
+    ids: String,
+    id_ends: Vec<usize>,
+    tokens: Vec<u8>,
+    token_ends: Vec<usize>,
+    stats: StageStats,
+}
+
+type Work = (u64, Result<RecordBatch, DataError>);
+type Done = (u64, Result<TokenBatch, DataError>);
+
+/// What the packer thread reports when it stops.
+#[derive(Debug, Default)]
+struct PackerOutcome {
+    stages: StageStats,
+    packing: PackStats,
+    skipped_resume: u64,
+    /// All batches consumed and all packs handed to the prefetch queue.
+    finished: bool,
+    error: Option<String>,
+}
+
+/// A running pipeline: iterate it for packs, then call [`Pipeline::finish`] for the report.
+pub struct Pipeline {
+    rx: Option<Receiver<Result<PackedBatch, DataError>>>,
+    reader: Option<JoinHandle<SourceStats>>,
+    workers: Vec<JoinHandle<()>>,
+    packer: Option<JoinHandle<PackerOutcome>>,
+    config: PipelineConfig,
+    exhausted: bool,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("config", &self.config)
+            .field("exhausted", &self.exhausted)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the threads. Packs come out of the returned iterator in a deterministic order.
+pub fn start(config: PipelineConfig) -> Result<Pipeline, DataError> {
+    config.validate()?;
+    let workers = if config.workers == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        config.workers
+    };
+    let tickets = 4 * workers + 4;
+    let (work_tx, work_rx) = bounded::<Work>(2 * workers);
+    let (done_tx, done_rx) = bounded::<Done>(tickets);
+    let (ticket_tx, ticket_rx) = bounded::<()>(tickets);
+    for _ in 0..tickets {
+        // The channel has room for exactly `tickets` units and nobody has taken any yet.
+        let _ = ticket_tx.send(());
+    }
+    let (pack_tx, pack_rx) = bounded(config.prefetch);
+
+    let inputs = config.inputs.clone();
+    let reader = spawn("virnuc-reader", move || {
+        reader_loop(inputs, work_tx, ticket_rx)
+    })?;
+    let stage = StageConfig::from(&config);
+    let mut handles = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let rx = work_rx.clone();
+        let tx = done_tx.clone();
+        handles.push(spawn(&format!("virnuc-worker-{w}"), move || {
+            worker_loop(stage, rx, tx)
+        })?);
+    }
+    drop((work_rx, done_tx));
+    let pack_config = PackerConfig {
+        budget: config.token_budget,
+        max_seqs: config.max_seqs_per_pack,
+        window: config.window,
+    };
+    let skip = config.skip.clone();
+    let packer = spawn("virnuc-packer", move || {
+        packer_loop(pack_config, skip, done_rx, ticket_tx, pack_tx)
+    })?;
+    Ok(Pipeline {
+        rx: Some(pack_rx),
+        reader: Some(reader),
+        workers: handles,
+        packer: Some(packer),
+        config,
+        exhausted: false,
+    })
+}
+
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, DataError> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map_err(|e| DataError::Config(format!("cannot start thread {name}: {e}")))
+}
+
+fn reader_loop(
+    inputs: Vec<std::path::PathBuf>,
+    tx: Sender<Work>,
+    tickets: Receiver<()>,
+) -> SourceStats {
+    let mut source = Source::new(inputs);
+    let mut seq_no = 0u64;
+    let mut batch = RecordBatch::default();
+    let send = |seq_no: &mut u64, item: Result<RecordBatch, DataError>| -> bool {
+        if tickets.recv().is_err() {
+            return false;
+        }
+        let ok = tx.send((*seq_no, item)).is_ok();
+        *seq_no += 1;
+        ok
+    };
+    loop {
+        let next = source.next_record(|r: RecordRef<'_>| {
+            if !r.seq.is_empty() {
+                batch.ids.push_str(r.id);
+                batch.id_ends.push(batch.ids.len());
+                batch.seqs.extend_from_slice(r.seq);
+                batch.seq_ends.push(batch.seqs.len());
+            }
+        });
+        match next {
+            Ok(true) => {
+                if (batch.seqs.len() >= BATCH_BYTES || batch.seq_ends.len() >= BATCH_RECORDS)
+                    && !send(&mut seq_no, Ok(std::mem::take(&mut batch)))
+                {
+                    break;
+                }
+            }
+            Ok(false) => {
+                if !batch.seq_ends.is_empty() {
+                    send(&mut seq_no, Ok(std::mem::take(&mut batch)));
+                }
+                break;
+            }
+            Err(e) => {
+                if batch.seq_ends.is_empty() || send(&mut seq_no, Ok(std::mem::take(&mut batch))) {
+                    send(&mut seq_no, Err(e));
+                }
+                break;
+            }
+        }
+    }
+    source.stats
+}
+
+fn worker_loop(config: StageConfig, rx: Receiver<Work>, tx: Sender<Done>) {
+    let mut processor = RecordProcessor::new(config);
+    for (seq_no, item) in rx {
+        let out = item.map(|batch| {
+            let mut out = TokenBatch::default();
+            let mut id_start = 0;
+            let mut seq_start = 0;
+            for (&id_end, &seq_end) in batch.id_ends.iter().zip(&batch.seq_ends) {
+                let id = &batch.ids[id_start..id_end];
+                let seq = &batch.seqs[seq_start..seq_end];
+                let mut unknown = 0;
+                processor.process(id, seq, &mut out.stats, &mut |name, residues| {
+                    out.ids.push_str(name);
+                    out.id_ends.push(out.ids.len());
+                    unknown += tokenize(residues, &mut out.tokens);
+                    out.token_ends.push(out.tokens.len());
+                });
+                out.stats.unknown_residues += unknown as u64;
+                id_start = id_end;
+                seq_start = seq_end;
+            }
+            out
+        });
+        if tx.send((seq_no, out)).is_err() {
+            return;
+        }
+    }
+}
+
+fn packer_loop(
+    config: PackerConfig,
+    skip: Option<crate::SkipFn>,
+    rx: Receiver<Done>,
+    tickets: Sender<()>,
+    tx: Sender<Result<PackedBatch, DataError>>,
+) -> PackerOutcome {
+    let mut outcome = PackerOutcome::default();
+    let mut packer = Packer::new(config);
+    let mut pending: BTreeMap<u64, Result<TokenBatch, DataError>> = BTreeMap::new();
+    let mut next_batch = 0u64;
+    let mut next_index = 0u64;
+    let mut ready: Vec<PackedBatch> = Vec::new();
+    let send_ready =
+        |ready: &mut Vec<PackedBatch>| -> bool { ready.drain(..).all(|p| tx.send(Ok(p)).is_ok()) };
+    'outer: while let Ok((seq_no, item)) = rx.recv() {
+        pending.insert(seq_no, item);
+        while let Some(item) = pending.remove(&next_batch) {
+            next_batch += 1;
+            // The batch left the in-flight set: the reader may read another one.
+            let _ = tickets.send(());
+            match item {
+                Ok(batch) => {
+                    outcome.stages.add(&batch.stats);
+                    let mut id_start = 0;
+                    let mut tok_start = 0;
+                    for (&id_end, &tok_end) in batch.id_ends.iter().zip(&batch.token_ends) {
+                        let index = next_index;
+                        next_index += 1;
+                        let (id, tokens) = (
+                            &batch.ids[id_start..id_end],
+                            &batch.tokens[tok_start..tok_end],
+                        );
+                        id_start = id_end;
+                        tok_start = tok_end;
+                        if skip.as_ref().is_some_and(|f| f(index)) {
+                            outcome.skipped_resume += 1;
+                            continue;
+                        }
+                        let meta = SequenceMeta {
+                            index,
+                            id: id.to_string(),
+                            residues: (tokens.len() - 2) as u32,
+                        };
+                        packer.push(
+                            PackItem {
+                                meta,
+                                tokens: tokens.to_vec(),
+                            },
+                            &mut ready,
+                        );
+                        if !send_ready(&mut ready) {
+                            break 'outer;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Deliver what came before the bad record, then the error.
+                    packer.finish(&mut ready);
+                    outcome.packing = packer.stats().clone();
+                    outcome.error = Some(e.to_string());
+                    if send_ready(&mut ready) {
+                        let _ = tx.send(Err(e));
+                    }
+                    return outcome;
+                }
+            }
+        }
+    }
+    if pending.is_empty() && rx.is_empty() {
+        packer.finish(&mut ready);
+        outcome.finished = send_ready(&mut ready);
+    }
+    outcome.packing = packer.stats().clone();
+    outcome
+}
+
+impl Iterator for Pipeline {
+    type Item = Result<PackedBatch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rx = self.rx.as_ref()?;
+        match rx.recv() {
+            Ok(item) => Some(item),
+            Err(_) => {
+                self.exhausted = true;
+                None
+            }
+        }
+    }
+}
+
+impl Pipeline {
+    /// Stops the threads (early if the packs were not all taken) and returns the run report.
+    /// Errors: [`DataError::RunFailed`] (with the report so far) if the run hit an input error,
+    /// [`DataError::Panic`] if a thread panicked. A consumer that stops early gets `Ok` with
+    /// `complete: false`.
+    pub fn finish(mut self) -> Result<RunReport, DataError> {
+        drop(self.rx.take());
+        let packer = self
+            .packer
+            .take()
+            .map(JoinHandle::join)
+            .transpose()
+            .map_err(|_| DataError::Panic("packer"))?
+            .unwrap_or_default();
+        for w in self.workers.drain(..) {
+            w.join().map_err(|_| DataError::Panic("worker"))?;
+        }
+        let source = self
+            .reader
+            .take()
+            .map(JoinHandle::join)
+            .transpose()
+            .map_err(|_| DataError::Panic("reader"))?
+            .unwrap_or_default();
+        let c = &self.config;
+        let packing = packer.packing;
+        let capacity = packing.tokens + packing.unused_budget;
+        let report = RunReport {
+            mode: c.mode.as_str().to_string(),
+            chunk_len: c.chunk_len,
+            virnucpro_compat: c.virnucpro_compat,
+            max_residues: c.max_residues,
+            long_policy: c.long,
+            token_budget: c.token_budget,
+            files: source.files,
+            records_read: source.records_read,
+            records_empty: source.records_empty,
+            duplicate_ids: source.duplicate_ids,
+            duplicate_check_capped: source.duplicate_check_capped,
+            non_utf8_ids: source.non_utf8_ids,
+            stages: packer.stages,
+            skipped_resume: packer.skipped_resume,
+            utilization: if capacity == 0 {
+                0.0
+            } else {
+                packing.tokens as f64 / capacity as f64
+            },
+            packing,
+            errors: packer.error.iter().cloned().collect(),
+            complete: packer.finished && self.exhausted && packer.error.is_none(),
+        };
+        match packer.error {
+            Some(first) => Err(DataError::RunFailed {
+                first,
+                report: Box::new(report),
+            }),
+            None => Ok(report),
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        // Close the queue so every stage stops; threads are detached if finish() was not called.
+        drop(self.rx.take());
+    }
+}
+
+/// A protein exactly as it goes to the model: output index, name and residues (after chunking,
+/// translation and the long-sequence policy), for `virnuc-trt translate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProteinRecord {
+    pub index: u64,
+    pub id: String,
+    pub residues: String,
+}
+
+/// Sequential, single-threaded view of the same stages as [`start`]; same indices and names.
+#[derive(Debug)]
+pub struct Proteins {
+    source: Source,
+    processor: RecordProcessor,
+    queue: std::collections::VecDeque<ProteinRecord>,
+    next_index: u64,
+    /// Stage counters so far.
+    pub stats: StageStats,
+    failed: bool,
+}
+
+/// The proteins of `config.inputs` (the packing fields of `config` are ignored).
+pub fn proteins(config: &PipelineConfig) -> Result<Proteins, DataError> {
+    config.validate()?;
+    Ok(Proteins {
+        source: Source::new(config.inputs.clone()),
+        processor: RecordProcessor::new(StageConfig::from(config)),
+        queue: Default::default(),
+        next_index: 0,
+        stats: StageStats::default(),
+        failed: false,
+    })
+}
+
+impl Proteins {
+    /// Reader counters so far (records, files, duplicates).
+    pub fn source_stats(&self) -> &SourceStats {
+        &self.source.stats
+    }
+}
+
+impl Iterator for Proteins {
+    type Item = Result<ProteinRecord, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.queue.is_empty() && !self.failed {
+            let Self {
+                source,
+                processor,
+                queue,
+                next_index,
+                stats,
+                ..
+            } = self;
+            let r = source.next_record(|r| {
+                if r.seq.is_empty() {
+                    return;
+                }
+                processor.process(r.id, r.seq, stats, &mut |name, residues| {
+                    queue.push_back(ProteinRecord {
+                        index: *next_index,
+                        id: name.to_string(),
+                        residues: String::from_utf8_lossy(residues).into_owned(),
+                    });
+                    *next_index += 1;
+                });
+            });
+            match r {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        self.queue.pop_front().map(Ok)
+    }
+}

@@ -1,0 +1,166 @@
+//! The run report: every record, chunk, frame and sequence accounted for.
+
+use serde::{Deserialize, Serialize};
+
+use crate::pack::PackStats;
+
+/// Records read from one input.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileReport {
+    pub path: String,
+    pub records: u64,
+    /// Bases or residues read (line breaks excluded).
+    pub residues: u64,
+    /// The input had no record at all (counted, not an error: sharded inputs may have empty shards).
+    pub empty: bool,
+}
+
+/// Counters of the per-record stages (chunking, translation, tokenizing); merged in input order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageStats {
+    /// Records with a sequence that went through the stages.
+    pub records_processed: u64,
+    /// Nucleotide mode: chunks cut (`ceil(L / chunk_len)` per record).
+    pub chunks: u64,
+    /// Nucleotide mode: frames translated (6 per chunk).
+    pub frames: u64,
+    pub frames_kept: u64,
+    pub frames_dropped_stop: u64,
+    /// No residue left (chunk too short, or every codon ambiguous in VirNucPro mode).
+    pub frames_dropped_empty: u64,
+    /// Codons with a base other than ACGT (translated to `X`, or dropped in VirNucPro mode).
+    pub ambiguous_codons: u64,
+    /// Protein mode: a trailing `*` removed from a protein record.
+    pub terminal_stops_stripped: u64,
+    /// Proteins entering the long-sequence policy (kept frames, or protein records).
+    pub proteins: u64,
+    /// Proteins longer than `max_residues`, by policy.
+    pub long_truncated: u64,
+    pub long_split: u64,
+    /// Extra sequences created by splitting (windows beyond the first).
+    pub split_extra_windows: u64,
+    pub long_skipped: u64,
+    /// Residues truncated away.
+    pub residues_truncated: u64,
+    /// Sequences handed to the packer stage (each gets an output index).
+    pub sequences: u64,
+    /// Residues mapped to `<unk>`.
+    pub unknown_residues: u64,
+}
+
+impl StageStats {
+    pub fn add(&mut self, o: &StageStats) {
+        self.records_processed += o.records_processed;
+        self.chunks += o.chunks;
+        self.frames += o.frames;
+        self.frames_kept += o.frames_kept;
+        self.frames_dropped_stop += o.frames_dropped_stop;
+        self.frames_dropped_empty += o.frames_dropped_empty;
+        self.ambiguous_codons += o.ambiguous_codons;
+        self.terminal_stops_stripped += o.terminal_stops_stripped;
+        self.proteins += o.proteins;
+        self.long_truncated += o.long_truncated;
+        self.long_split += o.long_split;
+        self.split_extra_windows += o.split_extra_windows;
+        self.long_skipped += o.long_skipped;
+        self.residues_truncated += o.residues_truncated;
+        self.sequences += o.sequences;
+        self.unknown_residues += o.unknown_residues;
+    }
+}
+
+/// Everything a run did, as JSON (`serde_json::to_string_pretty(&report)`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// `nucleotide` or `protein`.
+    pub mode: String,
+    pub chunk_len: usize,
+    pub virnucpro_compat: bool,
+    pub max_residues: usize,
+    pub long_policy: crate::LongPolicy,
+    pub token_budget: usize,
+    pub files: Vec<FileReport>,
+    pub records_read: u64,
+    /// Records with an empty sequence: skipped (VirNucPro would divide by zero on them).
+    pub records_empty: u64,
+    /// Records whose id repeats an earlier id (exact up to 64-bit hash collisions); processed anyway,
+    /// output indices stay unique.
+    pub duplicate_ids: u64,
+    /// Ids held for the duplicate check: it stops after `DUPLICATE_CHECK_CAP` distinct ids to keep
+    /// memory bounded (about 16 MB); then `duplicate_check_capped` is true.
+    pub duplicate_check_capped: bool,
+    /// Record ids that were not valid UTF-8 (replacement characters substituted).
+    pub non_utf8_ids: u64,
+    pub stages: StageStats,
+    /// Sequences left out because the resume predicate said they were done.
+    pub skipped_resume: u64,
+    pub packing: PackStats,
+    /// `tokens / (tokens + unused_budget)`.
+    pub utilization: f64,
+    /// Errors that ended the run early (input errors name file and record).
+    pub errors: Vec<String>,
+    /// The run read every input to the end and the consumer took every pack.
+    pub complete: bool,
+}
+
+/// Distinct ids remembered by the duplicate check (8-byte hashes: ~16 MB with the table overhead).
+pub const DUPLICATE_CHECK_CAP: usize = 1 << 20;
+
+impl RunReport {
+    /// Checks that every record, chunk, frame and sequence is accounted for; returns the first
+    /// imbalance found. Valid for complete runs (a run cut short has sequences still in flight).
+    pub fn check_accounting(&self) -> Result<(), String> {
+        let s = &self.stages;
+        let eq = |what: &str, a: u64, b: u64| {
+            if a == b {
+                Ok(())
+            } else {
+                Err(format!("{what}: {a} != {b}"))
+            }
+        };
+        eq(
+            "records read = Σ per-file records",
+            self.records_read,
+            self.files.iter().map(|f| f.records).sum(),
+        )?;
+        eq(
+            "records read = empty + processed",
+            self.records_read,
+            self.records_empty + s.records_processed,
+        )?;
+        if self.mode == "nucleotide" {
+            eq("frames = 6 × chunks", s.frames, 6 * s.chunks)?;
+            eq(
+                "frames = kept + stop + empty",
+                s.frames,
+                s.frames_kept + s.frames_dropped_stop + s.frames_dropped_empty,
+            )?;
+            eq("proteins = frames kept", s.proteins, s.frames_kept)?;
+        } else {
+            eq(
+                "proteins = records processed",
+                s.proteins,
+                s.records_processed,
+            )?;
+        }
+        eq(
+            "sequences = proteins − skipped long + extra windows",
+            s.sequences + s.long_skipped,
+            s.proteins + s.split_extra_windows,
+        )?;
+        if !self.complete {
+            return Err("run incomplete: packs still in flight".into());
+        }
+        eq(
+            "sequences = packed + skipped by resume",
+            s.sequences,
+            self.packing.sequences + self.skipped_resume,
+        )?;
+        eq(
+            "tokens = residues + 2 × sequences packed",
+            self.packing.tokens,
+            self.packing.residues + 2 * self.packing.sequences,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,394 @@
+//! Six-frame translation of a DNA chunk, VirNucPro style.
+//!
+//! Our reading of VirNucPro (`units.py`: `translate_dna`, `reverse_complement`, `identify_seq`;
+//! `prediction.py`: `process_record`, `make_predictdata`), restated:
+//!
+//! * the chunk is upper-cased; the reverse complement swaps `A↔T`, `C↔G` and leaves every other
+//!   character as it is (so `N` stays `N`), then reverses;
+//! * frame `f` (0, 1, 2) reads codons at `f, f+3, …` while a whole codon fits; F1–F3 are the frames of
+//!   the chunk, R1–R3 the frames of its reverse complement, in the order F1 F2 F3 R1 R2 R3;
+//! * each codon is looked up in the standard genetic code over `ACGT`; a codon with any other
+//!   character is **not in the table and yields nothing**: the residue is dropped, so the protein is
+//!   one residue shorter and every later residue moves one position left (the reading frame itself
+//!   does not move). That is VirNucPro's behaviour, reproduced by [`Ambiguity::Drop`]
+//!   (`virnucpro_compat`). Our default, [`Ambiguity::X`], writes `X` for such a codon, keeping residue
+//!   positions aligned with the DNA; `U` is read as `T` in the default only;
+//! * a frame is kept when its protein has no stop (`*`) and is not empty (`make_predictdata` drops
+//!   empty proteins); it is named `<chunk>F1` … `<chunk>R3`.
+//!
+//! The hot path works on 2-bit base codes (`A=0 C=1 G=2 T=3`, 4 = anything else) and a 64-entry codon
+//! table, and stops reading a frame at its first stop codon, since such a frame is dropped anyway.
+
+/// What to do with a codon holding a character other than `ACGT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ambiguity {
+    /// Translate to `X` (default).
+    X,
+    /// Drop the codon's residue, as VirNucPro does.
+    Drop,
+}
+
+/// Amino acid of codon `16·b1 + 4·b2 + b3` with `A=0 C=1 G=2 T=3` (standard genetic code).
+const CODON_TABLE: &[u8; 64] = b"KNKNTTTTRSRSIIMIQHQHPPPPRRRRLLLLEDEDAAAAGGGGVVVV*Y*YSSSS*CWCLFLF";
+
+/// Code of a base: 0..4 for `ACGT` (either case), 4 for anything else; `u`/`U` is `T` when asked.
+const fn base_codes(u_is_t: bool) -> [u8; 256] {
+    let mut t = [4u8; 256];
+    t[b'A' as usize] = 0;
+    t[b'a' as usize] = 0;
+    t[b'C' as usize] = 1;
+    t[b'c' as usize] = 1;
+    t[b'G' as usize] = 2;
+    t[b'g' as usize] = 2;
+    t[b'T' as usize] = 3;
+    t[b't' as usize] = 3;
+    if u_is_t {
+        t[b'U' as usize] = 3;
+        t[b'u' as usize] = 3;
+    }
+    t
+}
+static CODES_DEFAULT: [u8; 256] = base_codes(true);
+static CODES_COMPAT: [u8; 256] = base_codes(false);
+
+/// One of the six reading frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    F1,
+    F2,
+    F3,
+    R1,
+    R2,
+    R3,
+}
+
+impl Frame {
+    pub const ALL: [Frame; 6] = [
+        Frame::F1,
+        Frame::F2,
+        Frame::F3,
+        Frame::R1,
+        Frame::R2,
+        Frame::R3,
+    ];
+
+    /// Suffix appended to the chunk name.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Frame::F1 => "F1",
+            Frame::F2 => "F2",
+            Frame::F3 => "F3",
+            Frame::R1 => "R1",
+            Frame::R2 => "R2",
+            Frame::R3 => "R3",
+        }
+    }
+
+    fn offset(self) -> usize {
+        match self {
+            Frame::F1 | Frame::R1 => 0,
+            Frame::F2 | Frame::R2 => 1,
+            Frame::F3 | Frame::R3 => 2,
+        }
+    }
+
+    fn reverse(self) -> bool {
+        matches!(self, Frame::R1 | Frame::R2 | Frame::R3)
+    }
+}
+
+/// Outcome of translating one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameOutcome {
+    /// Stop-free, non-empty protein: kept.
+    Kept,
+    /// Contains a stop codon: dropped.
+    Stop,
+    /// No residue (chunk shorter than a codon past the offset, or every codon dropped): dropped.
+    Empty,
+}
+
+/// Reusable buffers for translating chunks without allocating per chunk.
+#[derive(Debug, Default)]
+pub struct Translator {
+    codes: Vec<u8>,
+    /// Protein of the last frame translated.
+    pub protein: Vec<u8>,
+}
+
+impl Translator {
+    /// Prepares `chunk` (DNA, any case) for [`Translator::frame`].
+    pub fn load(&mut self, chunk: &[u8], ambiguity: Ambiguity) {
+        let lut = match ambiguity {
+            Ambiguity::X => &CODES_DEFAULT,
+            Ambiguity::Drop => &CODES_COMPAT,
+        };
+        self.codes.clear();
+        self.codes.extend(chunk.iter().map(|&b| lut[b as usize]));
+    }
+
+    /// Translates one frame of the loaded chunk into `self.protein`; stops at the first stop codon.
+    /// Returns the outcome and the number of codons with a character other than `ACGT`.
+    pub fn frame(&mut self, frame: Frame, ambiguity: Ambiguity) -> (FrameOutcome, usize) {
+        self.protein.clear();
+        let codes = &self.codes;
+        let len = codes.len();
+        let mut i = frame.offset();
+        let mut ambiguous = 0;
+        let reverse = frame.reverse();
+        while i + 2 < len {
+            let (a, b, c) = if reverse {
+                // Reverse-complement position i is the complement of forward position len-1-i;
+                // complement of code x < 4 is 3 - x, and 4 (other) stays 4.
+                (
+                    comp(codes[len - 1 - i]),
+                    comp(codes[len - 2 - i]),
+                    comp(codes[len - 3 - i]),
+                )
+            } else {
+                (codes[i], codes[i + 1], codes[i + 2])
+            };
+            i += 3;
+            if (a | b | c) & 4 != 0 {
+                ambiguous += 1;
+                if ambiguity == Ambiguity::X {
+                    self.protein.push(b'X');
+                }
+                continue;
+            }
+            let aa = CODON_TABLE[usize::from(a) << 4 | usize::from(b) << 2 | usize::from(c)];
+            if aa == b'*' {
+                return (FrameOutcome::Stop, ambiguous);
+            }
+            self.protein.push(aa);
+        }
+        if self.protein.is_empty() {
+            (FrameOutcome::Empty, ambiguous)
+        } else {
+            (FrameOutcome::Kept, ambiguous)
+        }
+    }
+}
+
+#[inline(always)]
+fn comp(x: u8) -> u8 {
+    if x < 4 { 3 - x } else { 4 }
+}
+
+/// All six frames of `chunk`, full translations (stops included, as `*`), for tests and tools.
+pub fn six_frames_full(chunk: &[u8], ambiguity: Ambiguity) -> [Vec<u8>; 6] {
+    let mut t = Translator::default();
+    t.load(chunk, ambiguity);
+    Frame::ALL.map(|f| {
+        // Re-run without early exit: translate codon by codon.
+        let codes = &t.codes;
+        let len = codes.len();
+        let mut out = Vec::new();
+        let mut i = f.offset();
+        while i + 2 < len {
+            let (a, b, c) = if f.reverse() {
+                (
+                    comp(codes[len - 1 - i]),
+                    comp(codes[len - 2 - i]),
+                    comp(codes[len - 3 - i]),
+                )
+            } else {
+                (codes[i], codes[i + 1], codes[i + 2])
+            };
+            i += 3;
+            if (a | b | c) & 4 != 0 {
+                if ambiguity == Ambiguity::X {
+                    out.push(b'X');
+                }
+            } else {
+                out.push(CODON_TABLE[usize::from(a) << 4 | usize::from(b) << 2 | usize::from(c)]);
+            }
+        }
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    /// The standard genetic code written out codon by codon, independently of `CODON_TABLE`.
+    fn reference_table() -> HashMap<&'static str, char> {
+        let rows = [
+            ("TTT", 'F'),
+            ("TTC", 'F'),
+            ("TTA", 'L'),
+            ("TTG", 'L'),
+            ("CTT", 'L'),
+            ("CTC", 'L'),
+            ("CTA", 'L'),
+            ("CTG", 'L'),
+            ("ATT", 'I'),
+            ("ATC", 'I'),
+            ("ATA", 'I'),
+            ("ATG", 'M'),
+            ("GTT", 'V'),
+            ("GTC", 'V'),
+            ("GTA", 'V'),
+            ("GTG", 'V'),
+            ("TCT", 'S'),
+            ("TCC", 'S'),
+            ("TCA", 'S'),
+            ("TCG", 'S'),
+            ("CCT", 'P'),
+            ("CCC", 'P'),
+            ("CCA", 'P'),
+            ("CCG", 'P'),
+            ("ACT", 'T'),
+            ("ACC", 'T'),
+            ("ACA", 'T'),
+            ("ACG", 'T'),
+            ("GCT", 'A'),
+            ("GCC", 'A'),
+            ("GCA", 'A'),
+            ("GCG", 'A'),
+            ("TAT", 'Y'),
+            ("TAC", 'Y'),
+            ("TAA", '*'),
+            ("TAG", '*'),
+            ("CAT", 'H'),
+            ("CAC", 'H'),
+            ("CAA", 'Q'),
+            ("CAG", 'Q'),
+            ("AAT", 'N'),
+            ("AAC", 'N'),
+            ("AAA", 'K'),
+            ("AAG", 'K'),
+            ("GAT", 'D'),
+            ("GAC", 'D'),
+            ("GAA", 'E'),
+            ("GAG", 'E'),
+            ("TGT", 'C'),
+            ("TGC", 'C'),
+            ("TGA", '*'),
+            ("TGG", 'W'),
+            ("CGT", 'R'),
+            ("CGC", 'R'),
+            ("CGA", 'R'),
+            ("CGG", 'R'),
+            ("AGT", 'S'),
+            ("AGC", 'S'),
+            ("AGA", 'R'),
+            ("AGG", 'R'),
+            ("GGT", 'G'),
+            ("GGC", 'G'),
+            ("GGA", 'G'),
+            ("GGG", 'G'),
+        ];
+        rows.into_iter().collect()
+    }
+
+    /// Straightforward string-based six-frame translation, VirNucPro's algorithm spelled out.
+    fn reference_six(seq: &str, drop_ambiguous: bool) -> Vec<String> {
+        let table = reference_table();
+        let up = seq.to_uppercase();
+        let rc: String = up
+            .chars()
+            .rev()
+            .map(|c| match c {
+                'A' => 'T',
+                'T' => 'A',
+                'C' => 'G',
+                'G' => 'C',
+                o => o,
+            })
+            .collect();
+        let mut out = vec![];
+        for s in [&up, &rc] {
+            let b = s.as_bytes();
+            for f in 0..3 {
+                let mut p = String::new();
+                let mut i = f;
+                while i + 3 <= b.len() {
+                    let codon = std::str::from_utf8(&b[i..i + 3]).unwrap_or("???");
+                    match table.get(codon) {
+                        Some(&aa) => p.push(aa),
+                        None if !drop_ambiguous => p.push('X'),
+                        None => {}
+                    }
+                    i += 3;
+                }
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    fn kept(seq: &[u8], amb: Ambiguity) -> Vec<(Frame, String)> {
+        let mut t = Translator::default();
+        t.load(seq, amb);
+        let mut out = vec![];
+        for f in Frame::ALL {
+            if t.frame(f, amb).0 == FrameOutcome::Kept {
+                out.push((f, String::from_utf8_lossy(&t.protein).into_owned()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn hand_checked_cases() {
+        // ATG GCC TAA: F1 = M A *, dropped. Reverse complement TTAGGCCAT: R1 = L G H.
+        let full = six_frames_full(b"ATGGCCTAA", Ambiguity::X);
+        assert_eq!(full[0], b"MA*");
+        assert_eq!(full[3], b"LGH");
+        assert_eq!(full[1], b"WP"); // TGG CCT
+        assert_eq!(full[2], b"GL"); // GGC CTA
+        assert_eq!(
+            kept(b"atggcctaa", Ambiguity::X)[0],
+            (Frame::F2, "WP".into())
+        );
+        // Ambiguous codon in the middle: default X keeps positions, compat drops the residue.
+        // ATG NNN GCC: F1 = M X A (default) / M A (VirNucPro).
+        assert_eq!(
+            kept(b"ATGNNNGCC", Ambiguity::X)[0],
+            (Frame::F1, "MXA".into())
+        );
+        assert_eq!(
+            kept(b"ATGNNNGCC", Ambiguity::Drop)[0],
+            (Frame::F1, "MA".into())
+        );
+        // ATGANGCC: F1 = ATG ANG → M X / M; F2 = TGA → stop; F3 = GAN GCC? only GAN then GCC partial.
+        let d = kept(b"ATGANGCC", Ambiguity::Drop);
+        assert_eq!(d[0], (Frame::F1, "M".into()));
+        // All-N chunk: default frames are all X; compat frames are empty → all dropped.
+        assert_eq!(kept(b"NNNNNN", Ambiguity::X).len(), 6);
+        assert!(kept(b"NNNNNN", Ambiguity::Drop).is_empty());
+        // RNA: U is T by default, ambiguous in compat.
+        assert_eq!(kept(b"AUG", Ambiguity::X)[0], (Frame::F1, "M".into()));
+        // compat: AUG and its reverse complement CUT both hold a non-ACGT base → nothing kept.
+        assert!(kept(b"AUG", Ambiguity::Drop).is_empty());
+        // Too short for a codon: every frame empty.
+        assert!(kept(b"AC", Ambiguity::X).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn six_frames_match_reference(seq in "[ACGTNacgtRY]{0,200}") {
+            for (amb, drop) in [(Ambiguity::X, false), (Ambiguity::Drop, true)] {
+                let ours: Vec<String> = six_frames_full(seq.as_bytes(), amb)
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect();
+                let reference = reference_six(&seq, drop);
+                prop_assert_eq!(&ours, &reference);
+                // The early-exit path keeps exactly the stop-free, non-empty frames.
+                let k = kept(seq.as_bytes(), amb);
+                let expect: Vec<(Frame, String)> = Frame::ALL
+                    .iter()
+                    .zip(&reference)
+                    .filter(|(_, p)| !p.is_empty() && !p.contains('*'))
+                    .map(|(f, p)| (*f, p.clone()))
+                    .collect();
+                prop_assert_eq!(k, expect);
+            }
+        }
+    }
+}
