@@ -1,0 +1,116 @@
+// Host-side checks of varlen_attention_launch.h with plain g++ (no CUDA, no TensorRT): the shape
+// and attribute validation the TensorRT plugin runs, and the launch grid's slot bound.
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "varlen_attention_launch.h"
+
+using virnuc::varlen::Attributes;
+using virnuc::varlen::Problem;
+
+static int failures = 0;
+
+#define CHECK(cond)                                                   \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      std::fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                     \
+    }                                                                 \
+  } while (0)
+
+static bool contains(const std::string& s, const char* needle) {
+  return s.find(needle) != std::string::npos;
+}
+
+static void test_validation() {
+  Attributes a;
+  a.num_heads = 20;
+  Problem p;
+  // ESM-2 650M: H=20, D=64, fp16, 100 tokens, 3 sequences.
+  CHECK(virnuc::varlen::validate(a, 2, 100, 3 * 20 * 64, 10, 1, 4, 1, 100, p).empty());
+  CHECK(p.head_dim == 64 && p.batch == 3 && p.total_tokens == 100 && p.rotary);
+  CHECK(p.scale == 0.125f);  // 64 ** -0.5, the default
+  a.has_scale = true;
+  a.scale = 0.5f;
+  CHECK(virnuc::varlen::validate(a, 2, 100, 3 * 20 * 64, 10, 1, 4, 1, 100, p).empty());
+  CHECK(p.scale == 0.5f);
+  // Every supported head dim and dtype; an unsupported one of each.
+  for (int d : {16, 24, 32, 64, 128}) {
+    for (int dt : {1, 10, 16}) {
+      CHECK(virnuc::varlen::validate(a, 2, 7, 3 * 20 * d, dt, 1, 2, 1, 7, p).empty());
+      CHECK(p.head_dim == d);
+    }
+  }
+  CHECK(contains(virnuc::varlen::validate(a, 2, 7, 3 * 20 * 48, 10, 1, 2, 1, 7, p), "head_dim 48"));
+  CHECK(contains(virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64, 11, 1, 2, 1, 7, p), "dtype 11"));
+  // Width not a multiple of 3H, wrong ranks, missing or short position_ids.
+  CHECK(contains(virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64 + 1, 10, 1, 2, 1, 7, p), "multiple"));
+  CHECK(!virnuc::varlen::validate(a, 3, 7, 3 * 20 * 64, 10, 1, 2, 1, 7, p).empty());
+  CHECK(!virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64, 10, 2, 2, 1, 7, p).empty());
+  CHECK(!virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64, 10, 1, 0, 1, 7, p).empty());
+  CHECK(contains(virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64, 10, 1, 2, 1, -1, p), "required"));
+  CHECK(contains(virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64, 10, 1, 2, 1, 6, p), "position_ids"));
+  // rotary = 0: position_ids may be absent.
+  a.rotary = 0;
+  CHECK(virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64, 10, 1, 2, 1, -1, p).empty());
+  CHECK(!p.rotary);
+  a.rotary = 2;
+  CHECK(contains(virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64, 10, 1, 2, 1, 7, p), "rotary"));
+  a.rotary = 1;
+  a.rotary_base = -1.0f;
+  CHECK(contains(virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64, 10, 1, 2, 1, 7, p), "rotary_base"));
+  a.rotary_base = 10000.0f;
+  a.num_heads = 0;
+  CHECK(contains(virnuc::varlen::validate(a, 2, 7, 3 * 20 * 64, 10, 1, 2, 1, 7, p), "num_heads"));
+}
+
+// The kernel's slot scheme: sequence b owns slots [s_b, s_{b+1}), s_b = cu[b]/BM + b, and needs
+// ceil(len_b/BM) of them; the grid has grid().x slots. Checked on random packs, including empty
+// sequences and lengths at tile boundaries.
+static void test_slots() {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int dtype = (trial % 2) ? 10 : 1;
+    const long long bm = virnuc::varlen::block_m(dtype);
+    const int batch = 1 + static_cast<int>(rng() % 300);
+    std::vector<long long> cu(batch + 1, 0);
+    for (int b = 0; b < batch; ++b) {
+      const int kind = static_cast<int>(rng() % 4);
+      long long len = kind == 0 ? 0 : kind == 1 ? bm * static_cast<long long>(rng() % 4) : static_cast<long long>(rng() % 1100);
+      cu[b + 1] = cu[b] + len;
+    }
+    const long long total = cu[batch];
+    const auto g = virnuc::varlen::grid(total, batch, 20, dtype);
+    if (total == 0) {
+      CHECK(g.x == 0);
+      continue;
+    }
+    long long used = 0;
+    for (int b = 0; b < batch; ++b) {
+      const long long s0 = cu[b] / bm + b;
+      const long long s1 = cu[b + 1] / bm + b + 1;
+      const long long tiles = (cu[b + 1] - cu[b] + bm - 1) / bm;
+      CHECK(s1 - s0 >= tiles);
+      CHECK(s0 + tiles <= g.x);
+      used += tiles;
+    }
+    CHECK(used <= g.x);
+    CHECK(g.y == 20);
+  }
+  CHECK(virnuc::varlen::grid(0, 1, 20, 10).x == 0);
+  CHECK(virnuc::varlen::grid(100, 0, 20, 10).x == 0);
+}
+
+int main() {
+  test_validation();
+  test_slots();
+  if (failures != 0) {
+    std::fprintf(stderr, "validate_test: %d failure(s)\n", failures);
+    return EXIT_FAILURE;
+  }
+  std::puts("validate_test: ok");
+  return EXIT_SUCCESS;
+}

@@ -1,0 +1,765 @@
+// com.virnuc:VarlenAttention — the one CUDA kernel behind the ONNX Runtime CUDA custom op
+// (runtime/cuda) and the TensorRT plugin (tensorrt/). Contract: README.md beside this file.
+//
+// Non-causal attention over packed sequences (`cu_seqlens`), rotary embedding fused into the loads
+// of q and k. Flash-style: a block owns one tile of query rows of one sequence and one head, walks
+// the key/value tiles of that sequence only, and keeps an online softmax, so memory is O(T).
+//
+// Grid sizing without `max_seqlen` on the host: sequence b owns the block slots
+// [s_b, s_{b+1}) with s_b = floor(cu_seqlens[b] / BM) + b. Since
+// s_{b+1} - s_b = floor(cu[b+1]/BM) - floor(cu[b]/BM) + 1 >= ceil(len_b / BM), every query tile of
+// b has a slot, and the grid is floor(total_tokens / BM) + batch slots by num_heads. A block finds
+// its sequence by a binary search over s_b (log2(batch) reads of cu_seqlens) and leaves at once if
+// its slot is past the sequence's last tile. No workspace, no prefix pass, no host copy.
+//
+// Kernels (extern "C", one per dtype and head dim, 128 threads, static shared memory < 48 KiB):
+//   virnuc_varlen_attention_{f32,f16,bf16}_d{16,24,32,64,128}
+// Arguments: (qkv, cu_seqlens, position_ids, out, total_tokens, batch, num_heads, scale, rotary,
+//   rotary_base). Grid: (total_tokens / BM + batch, num_heads), BM = 64 for f16/bf16 and 32 for f32.
+//
+// 16-bit types: tensor cores (mma.sync m16n8k16, fp32 accumulators), q·k, softmax and p·v in fp32.
+// Tensor-core operands must be 16-bit, so rotated q/k and the probabilities p are rounded to the
+// input type before the products. For fp16 that costs < 1e-3 relative. For bf16 (8-bit mantissa)
+// it would cost about 2e-3, the contract's whole tolerance, so bf16 splits each rounded operand x
+// into hi = bf16(x) and lo = bf16(x - hi) and adds the cross products (q·k: hi·hi + lo·hi + hi·lo
+// when rotary is on, p·v: hi·v + lo·v): about 2.5x the tensor-core work of fp16, for an error
+// of the order of the fp16 path's.
+// fp32: plain fp32 FMA on CUDA cores (no TF32), 1e-5 relative.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define VIRNUC_VARLEN_ATTENTION_VERSION "1"
+
+namespace virnuc {
+
+constexpr int kThreads = 128;
+constexpr int kBlockM16 = 64;  // query rows per block, 16-bit kernels (4 warps x 16 rows)
+constexpr int kBlockM32 = 32;  // query rows per block, fp32 kernel (4 threads per row)
+
+// ---------------------------------------------------------------------------------------------
+// Shared by both kernels: where this block works, and the rotary frequencies.
+
+struct Work {
+  int start;  // first token of the sequence in the pack
+  int len;    // tokens in the sequence
+  int q0;     // first query row of this block's tile, relative to start
+};
+
+// Finds the sequence whose slot range holds blockIdx.x; false when the slot is unused.
+__device__ __forceinline__ bool locate(const int* __restrict__ cu, int batch, int total, int bm,
+                                       Work& w) {
+  const int x = static_cast<int>(blockIdx.x);
+  int lo = 0;
+  int hi = batch - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (__ldg(cu + mid) / bm + mid <= x) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int start = __ldg(cu + lo);
+  const int end = __ldg(cu + lo + 1);
+  // Malformed cu_seqlens: write nothing rather than read or write out of bounds.
+  if (start < 0 || end < start || end > total) return false;
+  w.start = start;
+  w.len = end - start;
+  w.q0 = (x - (start / bm + lo)) * bm;
+  return w.q0 >= 0 && w.q0 < w.len;
+}
+
+// inv_freq[i] = float32(base ** (-2i / D)): evaluated in double and rounded once, so every
+// implementation that rounds the exact value agrees bit for bit.
+template <int D>
+__device__ __forceinline__ void rotary_frequencies(float* inv_freq, float base) {
+  for (int i = static_cast<int>(threadIdx.x); i < D / 2; i += kThreads) {
+    inv_freq[i] = static_cast<float>(pow(static_cast<double>(base), -2.0 * i / D));
+  }
+}
+
+// cos and sin of a float32 angle (|angle| up to ~1e5): two-step Cody–Waite reduction to
+// [-pi, pi], then the hardware approximations (absolute error < 1e-6 there). Accurate sincosf
+// would cost ~5x more and rotary is computed for every q and k element of every tile.
+__device__ __forceinline__ void fast_sincos(float angle, float& s, float& c) {
+  constexpr float kInv2Pi = 0.15915494309189535f;
+  constexpr float k2PiHi = 6.28318548202514648f;     // float(2 pi)
+  constexpr float k2PiLo = -1.74845553146951855e-7f;  // 2 pi - float(2 pi)
+  const float k = rintf(angle * kInv2Pi);
+  float r = fmaf(-k, k2PiHi, angle);
+  r = fmaf(-k, k2PiLo, r);
+  __sincosf(r, &s, &c);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit element helpers (storage as raw 16-bit words so shared arrays need no constructors).
+
+template <typename T>
+struct Half16;
+
+template <>
+struct Half16<__half> {
+  __device__ __forceinline__ static float to_float(uint16_t b) {
+    return __half2float(__ushort_as_half(b));
+  }
+  __device__ __forceinline__ static uint16_t from_float(float x) {
+    return __half_as_ushort(__float2half_rn(x));
+  }
+};
+
+template <>
+struct Half16<__nv_bfloat16> {
+  __device__ __forceinline__ static float to_float(uint16_t b) {
+    return __uint_as_float(static_cast<uint32_t>(b) << 16);
+  }
+  __device__ __forceinline__ static uint16_t from_float(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  return static_cast<uint32_t>(Half16<T>::from_float(a)) |
+         (static_cast<uint32_t>(Half16<T>::from_float(b)) << 16);
+}
+
+// N 16-bit words (N = 4 or 8) loaded/stored in one 8- or 16-byte access.
+template <int N>
+__device__ __forceinline__ void load_vec(const uint16_t* p, uint16_t (&out)[N]) {
+  static_assert(N == 4 || N == 8, "vector of 4 or 8");
+  if constexpr (N == 8) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = static_cast<uint16_t>(w[i] & 0xffffu);
+      out[2 * i + 1] = static_cast<uint16_t>(w[i] >> 16);
+    }
+  } else {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      out[2 * i] = static_cast<uint16_t>(w[i] & 0xffffu);
+      out[2 * i + 1] = static_cast<uint16_t>(w[i] >> 16);
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_vec(uint16_t* p, const uint16_t (&in)[N]) {
+  if constexpr (N == 8) {
+    uint4 u;
+    u.x = in[0] | (static_cast<uint32_t>(in[1]) << 16);
+    u.y = in[2] | (static_cast<uint32_t>(in[3]) << 16);
+    u.z = in[4] | (static_cast<uint32_t>(in[5]) << 16);
+    u.w = in[6] | (static_cast<uint32_t>(in[7]) << 16);
+    *reinterpret_cast<uint4*>(p) = u;
+  } else {
+    uint2 u;
+    u.x = in[0] | (static_cast<uint32_t>(in[1]) << 16);
+    u.y = in[2] | (static_cast<uint32_t>(in[3]) << 16);
+    *reinterpret_cast<uint2*>(p) = u;
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c += a · b, m16n8k16, fp32 accumulators (specialized for __half and __nv_bfloat16).
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Loads R rows of q or k (D columns starting at `col`) into shared memory with rotary applied in
+// fp32, rounded to T (hi) and optionally the rounding remainder (lo). Rows past `nvalid` are
+// zeros. Either destination may be null.
+template <typename T, int D, int R, int LDS>
+__device__ __forceinline__ void load_qk(uint16_t* hi, uint16_t* lo, const uint16_t* qkv,
+                                        long long row_stride, int col, int tok0, int nvalid,
+                                        const long long* __restrict__ pos, const float* inv_freq,
+                                        bool rotary) {
+  constexpr int HALF = D / 2;
+  constexpr int VEC = (HALF % 8 == 0) ? 8 : 4;
+  constexpr int CH = HALF / VEC;
+  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += kThreads) {
+    const int r = u / CH;
+    const int c = (u % CH) * VEC;
+    float x1[VEC];
+    float x2[VEC];
+    if (r < nvalid) {
+      const uint16_t* src = qkv + static_cast<long long>(tok0 + r) * row_stride + col + c;
+      uint16_t a[VEC];
+      uint16_t b[VEC];
+      load_vec<VEC>(src, a);
+      load_vec<VEC>(src + HALF, b);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        x1[j] = Half16<T>::to_float(a[j]);
+        x2[j] = Half16<T>::to_float(b[j]);
+      }
+      if (rotary) {
+        const float p = static_cast<float>(__ldg(pos + tok0 + r));
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          float s;
+          float co;
+          fast_sincos(__fmul_rn(p, inv_freq[c + j]), s, co);
+          const float y1 = x1[j] * co - x2[j] * s;
+          const float y2 = x2[j] * co + x1[j] * s;
+          x1[j] = y1;
+          x2[j] = y2;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        x1[j] = 0.0f;
+        x2[j] = 0.0f;
+      }
+    }
+    uint16_t h1[VEC];
+    uint16_t h2[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      h1[j] = Half16<T>::from_float(x1[j]);
+      h2[j] = Half16<T>::from_float(x2[j]);
+    }
+    if (hi != nullptr) {
+      store_vec<VEC>(hi + r * LDS + c, h1);
+      store_vec<VEC>(hi + r * LDS + c + HALF, h2);
+    }
+    if (lo != nullptr) {
+      uint16_t l1[VEC];
+      uint16_t l2[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        l1[j] = Half16<T>::from_float(x1[j] - Half16<T>::to_float(h1[j]));
+        l2[j] = Half16<T>::from_float(x2[j] - Half16<T>::to_float(h2[j]));
+      }
+      store_vec<VEC>(lo + r * LDS + c, l1);
+      store_vec<VEC>(lo + r * LDS + c + HALF, l2);
+    }
+  }
+}
+
+// Loads R rows of v (D columns at `col`), rows past `nvalid` zero.
+template <int D, int R, int LDS>
+__device__ __forceinline__ void load_v(uint16_t* dst, const uint16_t* qkv, long long row_stride,
+                                       int col, int tok0, int nvalid) {
+  constexpr int VEC = (D % 8 == 0) ? 8 : 4;
+  constexpr int CH = D / VEC;
+  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += kThreads) {
+    const int r = u / CH;
+    const int c = (u % CH) * VEC;
+    uint16_t a[VEC];
+    if (r < nvalid) {
+      load_vec<VEC>(qkv + static_cast<long long>(tok0 + r) * row_stride + col + c, a);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) a[j] = 0;
+    }
+    store_vec<VEC>(dst + r * LDS + c, a);
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv,
+                                                const int* __restrict__ cu,
+                                                const long long* __restrict__ pos,
+                                                uint16_t* __restrict__ out, int total, int batch,
+                                                int heads, float scale, int rotary_flag,
+                                                float base) {
+  constexpr int BM = kBlockM16;
+  constexpr int BN = D <= 64 ? 64 : 32;  // keys per tile; 32 at D=128 keeps shared memory < 48 KiB
+  constexpr int DP = (D + 15) / 16 * 16;  // k-dimension padded to the mma's 16
+  constexpr int LDS = DP + 8;             // +16 bytes a row: conflict-free ldmatrix
+  constexpr int KSTEPS = DP / 16;
+  constexpr int NT = BN / 8;
+  constexpr int DT = DP / 8;
+  constexpr bool SPLIT = sizeof(T) == 2 && !__is_same(T, __half);  // bf16: hi/lo operands
+  static_assert(DT % 2 == 0 && NT % 2 == 0, "tiles come in pairs for ldmatrix.x4");
+
+  __shared__ __align__(16) uint16_t sQ[BM * LDS];
+  __shared__ __align__(16) uint16_t sK[BN * LDS];
+  __shared__ __align__(16) uint16_t sV[BN * LDS];
+  __shared__ __align__(16) uint16_t sKlo[SPLIT ? BN * LDS : 8];
+  __shared__ float inv_freq[D / 2];
+
+  Work w;
+  if (!locate(cu, batch, total, BM, w)) return;
+  const bool rotary = rotary_flag != 0;
+  const int head = static_cast<int>(blockIdx.y);
+  const long long row_stride = 3LL * heads * D;
+  const int qcol = head * D;
+  const int kcol = heads * D + head * D;
+  const int vcol = 2 * heads * D + head * D;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+
+  // Zero everything once: the padded columns D..DP must be zero for the q·k products.
+  for (int i = tid; i < BM * LDS; i += kThreads) sQ[i] = 0;
+  for (int i = tid; i < BN * LDS; i += kThreads) {
+    sK[i] = 0;
+    sV[i] = 0;
+    if constexpr (SPLIT) sKlo[i] = 0;
+  }
+  if (rotary) rotary_frequencies<D>(inv_freq, base);
+  __syncthreads();
+
+  const int nq = min(BM, w.len - w.q0);
+  load_qk<T, D, BM, LDS>(sQ, nullptr, qkv, row_stride, qcol, w.start + w.q0, nq, pos, inv_freq,
+                         rotary);
+  __syncthreads();
+
+  // q fragments stay in registers for the whole key loop.
+  uint32_t qa[KSTEPS][4];
+  uint32_t qlo[SPLIT ? KSTEPS : 1][4];
+  {
+    const uint16_t* base_ptr = sQ + (warp * 16 + (lane % 16)) * LDS + (lane / 16) * 8;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) ldmatrix_x4(qa[ks], base_ptr + ks * 16);
+  }
+  if constexpr (SPLIT) {
+    if (rotary) {
+      __syncthreads();
+      load_qk<T, D, BM, LDS>(nullptr, sQ, qkv, row_stride, qcol, w.start + w.q0, nq, pos,
+                             inv_freq, rotary);
+      __syncthreads();
+      const uint16_t* base_ptr = sQ + (warp * 16 + (lane % 16)) * LDS + (lane / 16) * 8;
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks) ldmatrix_x4(qlo[ks], base_ptr + ks * 16);
+    }
+  }
+
+  float o[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[d][e] = 0.0f;
+  }
+  float m0 = -INFINITY;
+  float m1 = -INFINITY;
+  float l0 = 0.0f;
+  float l1 = 0.0f;
+  const float sl2 = scale * 1.4426950408889634f;  // exp(x) = exp2(x * log2 e)
+
+  for (int kv0 = 0; kv0 < w.len; kv0 += BN) {
+    const int nk = min(BN, w.len - kv0);
+    __syncthreads();  // previous tile fully consumed (and q fragments read)
+    load_qk<T, D, BN, LDS>(sK, (SPLIT && rotary) ? sKlo : nullptr, qkv, row_stride, kcol,
+                           w.start + kv0, nk, pos, inv_freq, rotary);
+    load_v<D, BN, LDS>(sV, qkv, row_stride, vcol, w.start + kv0, nk);
+    __syncthreads();
+
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+      for (int j = 0; j < NT; j += 2) {
+        const int off = (j * 8 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 + ((lane / 8) & 1) * 8;
+        uint32_t b[4];
+        ldmatrix_x4(b, sK + off);
+        mma<T>(s[j], qa[ks], b[0], b[1]);
+        mma<T>(s[j + 1], qa[ks], b[2], b[3]);
+        if constexpr (SPLIT) {
+          if (rotary) {
+            mma<T>(s[j], qlo[ks], b[0], b[1]);
+            mma<T>(s[j + 1], qlo[ks], b[2], b[3]);
+            uint32_t bl[4];
+            ldmatrix_x4(bl, sKlo + off);
+            mma<T>(s[j], qa[ks], bl[0], bl[1]);
+            mma<T>(s[j + 1], qa[ks], bl[2], bl[3]);
+          }
+        }
+      }
+    }
+
+    // Online softmax. This thread holds rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3).
+    float mx0 = -INFINITY;
+    float mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = j * 8 + (lane % 4) * 2 + (e & 1);
+        s[j][e] = key < nk ? s[j][e] * sl2 : -INFINITY;
+      }
+      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    // Key 0 of every tile is valid, so the new maxima are finite.
+    const float n0 = fmaxf(m0, mx0);
+    const float n1 = fmaxf(m1, mx1);
+    const float c0 = exp2f(m0 - n0);
+    const float c1 = exp2f(m1 - n1);
+    m0 = n0;
+    m1 = n1;
+    float r0 = 0.0f;
+    float r1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      s[j][0] = exp2f(s[j][0] - n0);
+      s[j][1] = exp2f(s[j][1] - n0);
+      s[j][2] = exp2f(s[j][2] - n1);
+      s[j][3] = exp2f(s[j][3] - n1);
+      r0 += s[j][0] + s[j][1];
+      r1 += s[j][2] + s[j][3];
+    }
+    l0 = l0 * c0 + r0;  // partial over this thread's columns; reduced across the quad at the end
+    l1 = l1 * c1 + r1;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[d][0] *= c0;
+      o[d][1] *= c0;
+      o[d][2] *= c1;
+      o[d][3] *= c1;
+    }
+
+    // o += p · v; the S accumulator layout of two key tiles is the A fragment of one k-step.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t plo[4];
+      if constexpr (SPLIT) {
+        const float* f[4] = {&s[2 * kk][0], &s[2 * kk][2], &s[2 * kk + 1][0], &s[2 * kk + 1][2]};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float a = f[i][0];
+          const float b = f[i][1];
+          const float ah = Half16<T>::to_float(static_cast<uint16_t>(pa[i] & 0xffffu));
+          const float bh = Half16<T>::to_float(static_cast<uint16_t>(pa[i] >> 16));
+          plo[i] = pack2<T>(a - ah, b - bh);
+        }
+      }
+#pragma unroll
+      for (int d = 0; d < DT; d += 2) {
+        const uint16_t* p =
+            sV + (kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8) * LDS + d * 8 + (lane / 16) * 8;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, p);
+        mma<T>(o[d], pa, b[0], b[1]);
+        mma<T>(o[d + 1], pa, b[2], b[3]);
+        if constexpr (SPLIT) {
+          mma<T>(o[d], plo, b[0], b[1]);
+          mma<T>(o[d + 1], plo, b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float i0 = 1.0f / l0;
+  const float i1 = 1.0f / l1;
+
+  // Stage the tile in shared memory (sQ is free) for 16-byte coalesced stores.
+  __syncthreads();
+  {
+    const int row = warp * 16 + lane / 4;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      const int col = d * 8 + (lane % 4) * 2;
+      *reinterpret_cast<uint32_t*>(sQ + row * LDS + col) = pack2<T>(o[d][0] * i0, o[d][1] * i0);
+      *reinterpret_cast<uint32_t*>(sQ + (row + 8) * LDS + col) =
+          pack2<T>(o[d][2] * i1, o[d][3] * i1);
+    }
+  }
+  __syncthreads();
+  {
+    constexpr int VEC = (D % 8 == 0) ? 8 : 4;
+    constexpr int CH = D / VEC;
+    const long long out_stride = static_cast<long long>(heads) * D;
+    for (int u = tid; u < nq * CH; u += kThreads) {
+      const int r = u / CH;
+      const int c = (u % CH) * VEC;
+      uint16_t v[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = sQ[r * LDS + c + j];
+      store_vec<VEC>(out + static_cast<long long>(w.start + w.q0 + r) * out_stride + qcol + c, v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32: CUDA-core FMA. 32 query rows a block, 4 threads a row (a quad of one warp), so the
+// softmax of a row and its p·v never need a block barrier.
+
+template <int R, int D, int LDS>
+__device__ __forceinline__ void load_qk_f32(float* dst, const float* qkv, long long row_stride,
+                                            int col, int tok0, int nvalid,
+                                            const long long* __restrict__ pos,
+                                            const float* inv_freq, bool rotary) {
+  constexpr int HALF = D / 2;
+  constexpr int VEC = 4;
+  constexpr int CH = HALF / VEC;
+  static_assert(HALF % VEC == 0, "D/2 must be a multiple of 4");
+  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += kThreads) {
+    const int r = u / CH;
+    const int c = (u % CH) * VEC;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 b = a;
+    if (r < nvalid) {
+      const float* src = qkv + static_cast<long long>(tok0 + r) * row_stride + col + c;
+      a = __ldg(reinterpret_cast<const float4*>(src));
+      b = __ldg(reinterpret_cast<const float4*>(src + HALF));
+    }
+    float x1[4] = {a.x, a.y, a.z, a.w};
+    float x2[4] = {b.x, b.y, b.z, b.w};
+    if (rotary && r < nvalid) {
+      const float p = static_cast<float>(__ldg(pos + tok0 + r));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float s;
+        float co;
+        fast_sincos(__fmul_rn(p, inv_freq[c + j]), s, co);
+        const float y1 = x1[j] * co - x2[j] * s;
+        const float y2 = x2[j] * co + x1[j] * s;
+        x1[j] = y1;
+        x2[j] = y2;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      dst[r * LDS + c + j] = x1[j];
+      dst[r * LDS + c + HALF + j] = x2[j];
+    }
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
+                                              const int* __restrict__ cu,
+                                              const long long* __restrict__ pos,
+                                              float* __restrict__ out, int total, int batch,
+                                              int heads, float scale, int rotary_flag,
+                                              float base) {
+  constexpr int BM = kBlockM32;
+  constexpr int BN = D <= 64 ? 32 : 16;
+  constexpr int LDS = D + 1;  // odd stride: q·k reads of one column by a warp hit distinct banks
+  constexpr int DPT = D / 4;  // output columns per thread
+  __shared__ float sQ[BM * LDS];
+  __shared__ float sK[BN * LDS];
+  __shared__ float sV[BN * D];
+  __shared__ float sP[BM * (BN + 1)];
+  __shared__ float inv_freq[D / 2];
+
+  Work w;
+  if (!locate(cu, batch, total, BM, w)) return;
+  const bool rotary = rotary_flag != 0;
+  const int head = static_cast<int>(blockIdx.y);
+  const long long row_stride = 3LL * heads * D;
+  const int qcol = head * D;
+  const int kcol = heads * D + head * D;
+  const int vcol = 2 * heads * D + head * D;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int row = tid / 4;
+  const int sub = tid % 4;
+
+  if (rotary) rotary_frequencies<D>(inv_freq, base);
+  __syncthreads();
+  const int nq = min(BM, w.len - w.q0);
+  load_qk_f32<BM, D, LDS>(sQ, qkv, row_stride, qcol, w.start + w.q0, nq, pos, inv_freq, rotary);
+
+  float acc[DPT];
+#pragma unroll
+  for (int i = 0; i < DPT; ++i) acc[i] = 0.0f;
+  float m = -INFINITY;
+  float l = 0.0f;
+
+  for (int kv0 = 0; kv0 < w.len; kv0 += BN) {
+    const int nk = min(BN, w.len - kv0);
+    __syncthreads();
+    load_qk_f32<BN, D, LDS>(sK, qkv, row_stride, kcol, w.start + kv0, nk, pos, inv_freq, rotary);
+    for (int u = tid; u < BN * (D / 4); u += kThreads) {
+      const int r = u / (D / 4);
+      const int c = (u % (D / 4)) * 4;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (r < nk) {
+        v = __ldg(reinterpret_cast<const float4*>(
+            qkv + static_cast<long long>(w.start + kv0 + r) * row_stride + vcol + c));
+      }
+      sV[r * D + c] = v.x;
+      sV[r * D + c + 1] = v.y;
+      sV[r * D + c + 2] = v.z;
+      sV[r * D + c + 3] = v.w;
+    }
+    __syncthreads();
+
+    // Scores of row `row`, columns sub, sub+4, ...
+    float mx = -INFINITY;
+#pragma unroll
+    for (int cc = 0; cc < BN / 4; ++cc) {
+      const int key = sub + 4 * cc;
+      float dot = 0.0f;
+#pragma unroll 8
+      for (int d = 0; d < D; ++d) dot = fmaf(sQ[row * LDS + d], sK[key * LDS + d], dot);
+      const float sc = key < nk ? dot * scale : -INFINITY;
+      sP[row * (BN + 1) + key] = sc;
+      mx = fmaxf(mx, sc);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m, mx);
+    const float corr = expf(m - mn);
+    m = mn;
+    float rs = 0.0f;
+#pragma unroll
+    for (int cc = 0; cc < BN / 4; ++cc) {
+      const int key = sub + 4 * cc;
+      const float p = expf(sP[row * (BN + 1) + key] - mn);
+      sP[row * (BN + 1) + key] = p;
+      rs += p;
+    }
+    rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+    l = l * corr + rs;
+    __syncwarp();  // the quad's p values are in shared memory
+#pragma unroll
+    for (int i = 0; i < DPT; ++i) acc[i] *= corr;
+    for (int key = 0; key < nk; ++key) {
+      const float p = sP[row * (BN + 1) + key];
+#pragma unroll
+      for (int i = 0; i < DPT; ++i) acc[i] = fmaf(p, sV[key * D + sub + 4 * i], acc[i]);
+    }
+  }
+  if (row < nq) {
+    const float inv = 1.0f / l;
+    float* dst = out + static_cast<long long>(w.start + w.q0 + row) * heads * D + qcol;
+#pragma unroll
+    for (int i = 0; i < DPT; ++i) dst[sub + 4 * i] = acc[i] * inv;
+  }
+}
+
+}  // namespace virnuc
+
+// ---------------------------------------------------------------------------------------------
+// Entry points (names are the ABI the loaders look up).
+
+#define VIRNUC_KERNEL_16(NAME, T, D)                                                           \
+  extern "C" __global__ void __launch_bounds__(virnuc::kThreads)                               \
+      NAME(const void* qkv, const int* cu_seqlens, const long long* position_ids, void* out,   \
+           int total_tokens, int batch, int num_heads, float scale, int rotary,                \
+           float rotary_base) {                                                                \
+    virnuc::attention_16bit<T, D>(static_cast<const uint16_t*>(qkv), cu_seqlens, position_ids, \
+                                  static_cast<uint16_t*>(out), total_tokens, batch, num_heads, \
+                                  scale, rotary, rotary_base);                                 \
+  }
+
+#define VIRNUC_KERNEL_32(NAME, D)                                                              \
+  extern "C" __global__ void __launch_bounds__(virnuc::kThreads)                               \
+      NAME(const void* qkv, const int* cu_seqlens, const long long* position_ids, void* out,   \
+           int total_tokens, int batch, int num_heads, float scale, int rotary,                \
+           float rotary_base) {                                                                \
+    virnuc::attention_f32<D>(static_cast<const float*>(qkv), cu_seqlens, position_ids,         \
+                             static_cast<float*>(out), total_tokens, batch, num_heads, scale,  \
+                             rotary, rotary_base);                                             \
+  }
+
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d16, __half, 16)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d24, __half, 24)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d32, __half, 32)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d64, __half, 64)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d128, __half, 128)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d16, __nv_bfloat16, 16)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d24, __nv_bfloat16, 24)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d32, __nv_bfloat16, 32)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d64, __nv_bfloat16, 64)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d128, __nv_bfloat16, 128)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d16, 16)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d24, 24)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d32, 32)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d64, 64)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d128, 128)
+
+// ---------------------------------------------------------------------------------------------
+// Host launcher for C++ hosts that link this file (the TensorRT plugin). The Rust runtime loads
+// the fatbin through the driver API instead and computes the same grid (runtime/cuda).
+#ifdef VIRNUC_VARLEN_ATTENTION_HOST_LAUNCHER
+#include "varlen_attention_launch.h"
+
+extern "C" cudaError_t virnuc_varlen_attention_launch(cudaStream_t stream, const void* qkv,
+                                                      const int* cu_seqlens,
+                                                      const long long* position_ids, void* out,
+                                                      int total_tokens, int batch, int num_heads,
+                                                      int head_dim, int onnx_dtype, float scale,
+                                                      int rotary, float rotary_base) {
+  using Kernel = void (*)(const void*, const int*, const long long*, void*, int, int, int, float,
+                          int, float);
+  Kernel k = nullptr;
+#define VIRNUC_PICK(DT, PREFIX)                                   \
+  if (onnx_dtype == DT) {                                         \
+    switch (head_dim) {                                           \
+      case 16: k = PREFIX##_d16; break;                           \
+      case 24: k = PREFIX##_d24; break;                           \
+      case 32: k = PREFIX##_d32; break;                           \
+      case 64: k = PREFIX##_d64; break;                           \
+      case 128: k = PREFIX##_d128; break;                         \
+      default: break;                                             \
+    }                                                             \
+  }
+  VIRNUC_PICK(virnuc::varlen::kOnnxFloat, virnuc_varlen_attention_f32)
+  VIRNUC_PICK(virnuc::varlen::kOnnxFloat16, virnuc_varlen_attention_f16)
+  VIRNUC_PICK(virnuc::varlen::kOnnxBfloat16, virnuc_varlen_attention_bf16)
+#undef VIRNUC_PICK
+  if (k == nullptr) return cudaErrorInvalidValue;
+  const virnuc::varlen::Grid g =
+      virnuc::varlen::grid(total_tokens, batch, num_heads, onnx_dtype);
+  if (g.x == 0 || g.y == 0) return cudaSuccess;
+  k<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y)), virnuc::kThreads, 0,
+      stream>>>(qkv, cu_seqlens, position_ids, out, total_tokens, batch, num_heads, scale, rotary,
+                rotary_base);
+  return cudaGetLastError();
+}
+#endif

@@ -1,0 +1,118 @@
+// Host-side facts of com.virnuc:VarlenAttention that need neither CUDA nor TensorRT: version,
+// dtype codes, launch geometry, and validation of shapes and attributes. Used by the TensorRT
+// plugin and the C++ host launcher; tested with plain g++ (tests/validate_test.cpp). The Rust
+// loader (runtime/cuda) mirrors these constants and checks them against this file in its tests.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+namespace virnuc {
+namespace varlen {
+
+constexpr const char* kVersion = "1";         // VARLEN_ATTENTION_VERSION in README.md
+constexpr const char* kOpType = "VarlenAttention";
+constexpr const char* kDomain = "com.virnuc";
+
+// ONNX TensorProto data types (the dtype argument of every launcher).
+constexpr int kOnnxFloat = 1;
+constexpr int kOnnxFloat16 = 10;
+constexpr int kOnnxBfloat16 = 16;
+
+// Launch geometry of the kernels in varlen_attention.cu.
+constexpr int kThreads = 128;
+constexpr int kBlockM16 = 64;  // query rows per block, f16/bf16
+constexpr int kBlockM32 = 32;  // query rows per block, f32
+
+struct Grid {
+  long long x;
+  long long y;
+};
+
+inline int block_m(int onnx_dtype) { return onnx_dtype == kOnnxFloat ? kBlockM32 : kBlockM16; }
+
+// Slots: floor(total / BM) + batch per head (see the kernel's header comment for the proof).
+inline Grid grid(long long total_tokens, long long batch, long long num_heads, int onnx_dtype) {
+  if (total_tokens <= 0 || batch <= 0 || num_heads <= 0) return Grid{0, 0};
+  return Grid{total_tokens / block_m(onnx_dtype) + batch, num_heads};
+}
+
+inline bool supported_head_dim(long long d) {
+  return d == 16 || d == 24 || d == 32 || d == 64 || d == 128;
+}
+
+inline bool supported_dtype(int onnx_dtype) {
+  return onnx_dtype == kOnnxFloat || onnx_dtype == kOnnxFloat16 || onnx_dtype == kOnnxBfloat16;
+}
+
+struct Attributes {
+  long long num_heads = 0;
+  bool has_scale = false;
+  float scale = 0.0f;
+  long long rotary = 1;
+  float rotary_base = 10000.0f;
+};
+
+// The checked shape of one call.
+struct Problem {
+  long long total_tokens = 0;
+  long long batch = 0;
+  long long num_heads = 0;
+  long long head_dim = 0;
+  float scale = 0.0f;
+  bool rotary = true;
+  float rotary_base = 10000.0f;
+};
+
+// Validates input shapes (qkv [T, 3HD], cu_seqlens [B+1], position_ids [T] or empty) and
+// attributes; on success fills `out` and returns an empty string, else the reason.
+// `position_ids_len` < 0 means the optional input is absent.
+inline std::string validate(const Attributes& a, int qkv_rank, long long qkv_rows,
+                            long long qkv_cols, int onnx_dtype, int cu_rank, long long cu_len,
+                            int pos_rank, long long position_ids_len, Problem& out) {
+  if (!supported_dtype(onnx_dtype)) {
+    return "qkv dtype " + std::to_string(onnx_dtype) +
+           " is not supported (float32=1, float16=10, bfloat16=16)";
+  }
+  if (a.num_heads <= 0) return "attribute num_heads must be positive";
+  if (qkv_rank != 2) return "qkv must be 2-D [total_tokens, 3*num_heads*head_dim]";
+  if (qkv_rows < 0 || qkv_cols <= 0) return "qkv has a negative or empty dimension";
+  if (qkv_cols % (3 * a.num_heads) != 0) {
+    return "qkv width " + std::to_string(qkv_cols) + " is not a multiple of 3*num_heads (" +
+           std::to_string(3 * a.num_heads) + ")";
+  }
+  const long long d = qkv_cols / (3 * a.num_heads);
+  if (!supported_head_dim(d)) {
+    return "head_dim " + std::to_string(d) + " is not supported on GPU (16, 24, 32, 64, 128)";
+  }
+  if (cu_rank != 1 || cu_len < 1) return "cu_seqlens must be 1-D with batch+1 >= 1 entries";
+  if (a.rotary != 0 && a.rotary != 1) return "attribute rotary must be 0 or 1";
+  if (a.rotary == 1) {
+    if (position_ids_len < 0) return "position_ids is required when rotary = 1";
+    if (pos_rank != 1 || position_ids_len != qkv_rows) {
+      return "position_ids must be 1-D with total_tokens (" + std::to_string(qkv_rows) +
+             ") entries";
+    }
+    if (!(a.rotary_base > 0.0f) || !std::isfinite(a.rotary_base)) {
+      return "attribute rotary_base must be a positive finite number";
+    }
+  }
+  const float scale = a.has_scale ? a.scale : 1.0f / std::sqrt(static_cast<float>(d));
+  if (!std::isfinite(scale)) return "attribute scale must be finite";
+  // Kernel indices are 32-bit: tokens and element offsets within a row.
+  if (qkv_rows > 0x7fffffffLL || cu_len - 1 > 0x7fffffffLL || qkv_cols > 0x7fffffffLL) {
+    return "pack too large for 32-bit token indices";
+  }
+  out.total_tokens = qkv_rows;
+  out.batch = cu_len - 1;
+  out.num_heads = a.num_heads;
+  out.head_dim = d;
+  out.scale = scale;
+  out.rotary = a.rotary == 1;
+  out.rotary_base = a.rotary_base;
+  return std::string();
+}
+
+}  // namespace varlen
+}  // namespace virnuc
