@@ -1,1 +1,820 @@
-//! virnuc-output (work in progress).
+//! Embedding output: one HDF5 file in input order, written crash-safely in shards.
+//!
+//! The final file is a drop-in for virnucpro-broad's `embeddings.h5`:
+//!
+//! | dataset          | shape              | type                    |
+//! |------------------|--------------------|-------------------------|
+//! | `sequence_ids`   | `[N]`              | variable-length UTF-8   |
+//! | `embeddings`     | `[N, H]`           | float32 or float16      |
+//! | `lengths`        | `[N]`              | uint32 (residues)       |
+//! | `token_states`   | `[total, H]`       | optional, residues only |
+//! | `token_offsets`  | `[N + 1]`          | optional, uint64        |
+//!
+//! Row `i` is input sequence `i`; the states of sequence `i` are
+//! `token_states[token_offsets[i]..token_offsets[i + 1]]` (`<cls>`/`<eos>` excluded, as fair-esm's
+//! `per_tok` output). File attributes are the caller's key/value strings. Nothing run-dependent is
+//! stored and HDF5 object times are off, so equal inputs give byte-identical files.
+//!
+//! Packs arrive in any order. [`EmbeddingWriter::write_pack`] buffers them; every `shard_sequences`
+//! sequences it writes a shard next to the output (`OUT.h5.partial/shard-N.bin`: temp file, fsync,
+//! atomic rename, then a fsynced journal line). After `kill -9`, [`EmbeddingWriter::open`] with
+//! `resume` keeps the journaled shards that pass their checksums and [`EmbeddingWriter::done`]
+//! tells the caller which sequences to skip. [`EmbeddingWriter::finish`] checks that every index
+//! `0..N` is there exactly once, merges the shards in bounded memory into a temp file and renames it
+//! to the output: the output path never holds a partial file.
+//!
+//! ```
+//! use virnuc_core::SequenceMeta;
+//! use virnuc_output::{EmbeddingWriter, OutputConfig, OutputDtype};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let config = OutputConfig {
+//!     path: dir.path().join("embeddings.h5"),
+//!     hidden_size: 2,
+//!     per_token: false,
+//!     dtype: OutputDtype::F32,
+//!     attributes: vec![("precision".into(), "fp32".into())],
+//!     resume: false,
+//!     shard_sequences: 1000,
+//! };
+//! let mut writer = EmbeddingWriter::open(config)?;
+//! let seq = |index: u64, id: &str| SequenceMeta { index, id: id.into(), residues: 5 };
+//! // Out of order, as FFD packs arrive.
+//! writer.write_pack(&[seq(1, "b")], &[3.0, 4.0], None)?;
+//! writer.write_pack(&[seq(0, "a")], &[1.0, 2.0], None)?;
+//! let summary = writer.finish(2)?;
+//! assert_eq!(summary.sequences, 2);
+//! assert!(dir.path().join("embeddings.h5").exists());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use virnuc_core::SequenceMeta;
+
+mod journal;
+mod merge;
+pub mod ranges;
+mod shard;
+pub mod synthetic;
+
+use ranges::IndexSet;
+use shard::{Layout, Pending, ShardReader};
+
+/// A shard is also flushed when its buffer reaches this many bytes, whatever `shard_sequences`
+/// says: per-token states of a few thousand sequences already take gigabytes.
+pub const MAX_SHARD_BYTES: usize = 256 << 20;
+
+/// Element type of `embeddings` and `token_states`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputDtype {
+    F32,
+    F16,
+}
+
+/// Where and how to write.
+#[derive(Debug, Clone)]
+pub struct OutputConfig {
+    /// The final `.h5` file; working files go to `<path>.partial/`.
+    pub path: PathBuf,
+    pub hidden_size: usize,
+    /// Also store per-token states (`token_states`, `token_offsets`).
+    pub per_token: bool,
+    pub dtype: OutputDtype,
+    /// File attributes (model metadata JSON, precision, EP, versions, random_weights …), written in
+    /// this order. Part of the resume fingerprint: a resume with different values is refused.
+    pub attributes: Vec<(String, String)>,
+    /// Continue an interrupted run instead of refusing existing working files.
+    pub resume: bool,
+    /// Sequences per shard (the unit of work lost to a crash).
+    pub shard_sequences: usize,
+}
+
+/// What [`EmbeddingWriter::finish`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishSummary {
+    pub path: PathBuf,
+    pub sequences: u64,
+    /// Rows of `token_states` (0 without per-token output).
+    pub token_rows: u64,
+    /// Shards merged (from this run and earlier ones).
+    pub shards: usize,
+    /// Size of the final file.
+    pub bytes: u64,
+}
+
+/// What [`EmbeddingWriter::open`] found from an earlier run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResumeInfo {
+    /// Shards kept (journaled and intact).
+    pub shards_kept: usize,
+    /// Sequences those shards hold (skipped by the caller through [`EmbeddingWriter::done`]).
+    pub sequences_done: u64,
+    /// Shards thrown away and why (not journaled, failed checksum …); their sequences are redone.
+    pub discarded: Vec<(PathBuf, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error(
+        "{path} already exists; refusing to overwrite it (remove it or choose another output; \
+         --resume only continues an interrupted run)"
+    )]
+    Exists { path: PathBuf },
+    #[error(
+        "an interrupted run left {work}; pass --resume to continue it, or delete it to start over"
+    )]
+    PartialExists { work: PathBuf },
+    #[error("{path} is already complete; nothing to resume")]
+    AlreadyComplete { path: PathBuf },
+    #[error("cannot write output to {path}: {source}")]
+    Unwritable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{work} is in use by another virnuc-trt process")]
+    Locked { work: PathBuf },
+    #[error(
+        "cannot resume {work}: {what} differs from the interrupted run; delete it to start over"
+    )]
+    ResumeMismatch { work: PathBuf, what: String },
+    #[error("invalid output settings: {message}")]
+    InvalidConfig { message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shard {path} is corrupt: {message}")]
+    CorruptShard { path: PathBuf, message: String },
+    #[error("journal {path} is corrupt: {message}")]
+    CorruptJournal { path: PathBuf, message: String },
+    #[error("pack does not match the output: {message}")]
+    Pack { message: String },
+    #[error("sequence index {index} ({id}) was written twice")]
+    Duplicate { index: u64, id: String },
+    #[error("sequence index {index}: id {id:?} cannot be stored (contains NUL)")]
+    InvalidId { index: u64, id: String },
+    #[error(
+        "{missing} of {expected} sequences are missing from the output, the first is index {index}"
+    )]
+    Missing {
+        index: u64,
+        missing: u64,
+        expected: u64,
+    },
+    #[error("sequence index {index} is beyond the {expected} sequences expected")]
+    OutOfRange { index: u64, expected: u64 },
+    #[error("HDF5 error writing {what} of {path}: {source}")]
+    Hdf5 {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: hdf5::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The settings a resumed run must share with the interrupted one (`settings.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Settings {
+    format: String,
+    hidden_size: usize,
+    dtype: OutputDtype,
+    per_token: bool,
+    attributes: Vec<(String, String)>,
+}
+
+const SETTINGS_FORMAT: &str = "virnuc-output/1";
+const SETTINGS: &str = "settings.json";
+const JOURNAL: &str = "journal";
+const LOCK: &str = "lock";
+const SCRATCH: &str = "merge";
+
+/// Writes embeddings pack by pack; see the crate docs.
+#[derive(Debug)]
+pub struct EmbeddingWriter {
+    config: OutputConfig,
+    layout: Layout,
+    work: PathBuf,
+    journal: File,
+    /// Held (OS lock) while this writer lives; released by the kernel even on `kill -9`.
+    _lock: File,
+    /// Every index written: durable from earlier runs, flushed in this run, or pending.
+    seen: IndexSet,
+    /// Durable from earlier runs, for [`EmbeddingWriter::done`].
+    done: Arc<ranges::IndexSnapshot>,
+    shards: Vec<journal::Entry>,
+    pending: Pending,
+    next_shard: u64,
+    resume_info: ResumeInfo,
+    /// Reused encoding buffers.
+    mean_buf: Vec<u8>,
+    token_buf: Vec<u8>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
+    move |source| OutputError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Makes a rename or a new file in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), OutputError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), OutputError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.write_all(bytes).map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)
+}
+
+fn work_dir_of(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+fn encode_row(values: &[f32], dtype: OutputDtype, out: &mut Vec<u8>) {
+    out.clear();
+    match dtype {
+        OutputDtype::F32 => {
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        OutputDtype::F16 => {
+            for v in values {
+                out.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+    }
+}
+
+impl EmbeddingWriter {
+    /// Starts a new output, or continues an interrupted one when `config.resume` is set.
+    ///
+    /// Refuses: an existing output (with `resume`: [`OutputError::AlreadyComplete`]), working files
+    /// of an interrupted run without `resume`, a directory that cannot be written, and a resume
+    /// whose hidden size, dtype, per-token flag or attributes differ from the interrupted run's.
+    pub fn open(config: OutputConfig) -> Result<Self, OutputError> {
+        validate(&config)?;
+        let path = config.path.clone();
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if path.file_name().is_none() {
+            return Err(OutputError::InvalidConfig {
+                message: format!("output path {} has no file name", path.display()),
+            });
+        }
+        match std::fs::metadata(&parent) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(OutputError::Unwritable {
+                    path: parent,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotADirectory,
+                        "not a directory",
+                    ),
+                });
+            }
+            Err(source) => {
+                return Err(OutputError::Unwritable {
+                    path: parent,
+                    source,
+                });
+            }
+        }
+        let work = work_dir_of(&path);
+        if path.exists() {
+            if config.resume {
+                // The rename to `path` is the last step before the working files are removed, so
+                // an output next to working files is complete and they are leftovers.
+                if work.exists() {
+                    std::fs::remove_dir_all(&work).map_err(io_err(&work))?;
+                }
+                return Err(OutputError::AlreadyComplete { path });
+            }
+            return Err(OutputError::Exists { path });
+        }
+        let layout = Layout {
+            hidden: config.hidden_size,
+            dtype: config.dtype,
+            per_token: config.per_token,
+        };
+        let settings = Settings {
+            format: SETTINGS_FORMAT.into(),
+            hidden_size: config.hidden_size,
+            dtype: config.dtype,
+            per_token: config.per_token,
+            attributes: config.attributes.clone(),
+        };
+        let fresh = !work.exists();
+        if !fresh && !config.resume {
+            return Err(OutputError::PartialExists { work });
+        }
+        if fresh {
+            std::fs::create_dir(&work).map_err(|source| OutputError::Unwritable {
+                path: work.clone(),
+                source,
+            })?;
+            sync_dir(&parent)?;
+        }
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(work.join(LOCK))
+            .map_err(|source| OutputError::Unwritable {
+                path: work.join(LOCK),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OutputError::Locked { work });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(OutputError::Io {
+                    path: work.join(LOCK),
+                    source,
+                });
+            }
+        }
+
+        let settings_path = work.join(SETTINGS);
+        let journal_path = work.join(JOURNAL);
+        let earlier = if settings_path.exists() {
+            let text = std::fs::read(&settings_path).map_err(io_err(&settings_path))?;
+            let previous: Settings =
+                serde_json::from_slice(&text).map_err(|e| OutputError::CorruptJournal {
+                    path: settings_path.clone(),
+                    message: e.to_string(),
+                })?;
+            if let Some(what) = mismatch(&previous, &settings) {
+                return Err(OutputError::ResumeMismatch { work, what });
+            }
+            if journal_path.exists() {
+                journal::read(&journal_path)?
+            } else {
+                journal::Parsed::default()
+            }
+        } else {
+            // Killed before the settings were durable: nothing of that run can be used.
+            journal::Parsed::default()
+        };
+
+        let mut resume_info = ResumeInfo::default();
+        let mut seen = IndexSet::new();
+        let mut shards = Vec::new();
+        let mut next_shard = 0u64;
+        let mut kept_names = std::collections::HashSet::new();
+        for entry in earlier.entries {
+            let shard_path = work.join(&entry.name);
+            next_shard = next_shard.max(journal::shard_number(&entry.name).unwrap_or(0) + 1);
+            match verify_shard(&shard_path, layout, &entry, &mut seen) {
+                Ok(()) => {
+                    resume_info.sequences_done += entry.records;
+                    kept_names.insert(entry.name.clone());
+                    shards.push(entry);
+                }
+                Err(OutputError::Duplicate { index, id }) => {
+                    return Err(OutputError::CorruptShard {
+                        path: shard_path,
+                        message: format!(
+                            "sequence index {index} ({id}) is also in another shard; the working \
+                             files are inconsistent"
+                        ),
+                    });
+                }
+                Err(e) => resume_info.discarded.push((shard_path, e.to_string())),
+            }
+        }
+        if earlier.damaged_lines > 0 {
+            resume_info.discarded.push((
+                journal_path.clone(),
+                format!(
+                    "{} incomplete or damaged journal lines ignored",
+                    earlier.damaged_lines
+                ),
+            ));
+        }
+        // Everything not kept goes: temp files, unjournaled or corrupt shards, an old merge.
+        for item in std::fs::read_dir(&work).map_err(io_err(&work))? {
+            let item = item.map_err(io_err(&work))?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name == LOCK || name == SETTINGS || name == JOURNAL || kept_names.contains(&name) {
+                continue;
+            }
+            let p = item.path();
+            if let Some(n) = journal::shard_number(&name) {
+                next_shard = next_shard.max(n + 1);
+                if !resume_info.discarded.iter().any(|(d, _)| d == &p) {
+                    resume_info
+                        .discarded
+                        .push((p.clone(), "not in the journal (written when killed)".into()));
+                }
+            }
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+            } else {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+        resume_info.shards_kept = shards.len();
+        let settings_json = serde_json::to_vec_pretty(&settings)
+            .map_err(|e| OutputError::Internal(e.to_string()))?;
+        if !settings_path.exists() {
+            write_atomic(&work, SETTINGS, &settings_json).map_err(|e| match e {
+                OutputError::Io { path, source } => OutputError::Unwritable { path, source },
+                e => e,
+            })?;
+        }
+        // The journal is rewritten with only the kept shards, so a discarded shard's line can never
+        // be matched by a later file of the same name.
+        let mut text = format!("{}\n", journal::HEADER);
+        for entry in &shards {
+            text.push_str(&entry.to_line());
+        }
+        write_atomic(&work, JOURNAL, text.as_bytes())?;
+        let journal = OpenOptions::new()
+            .append(true)
+            .open(&journal_path)
+            .map_err(io_err(&journal_path))?;
+        let done = Arc::new(seen.snapshot());
+        Ok(Self {
+            config,
+            layout,
+            work,
+            journal,
+            _lock: lock,
+            seen,
+            done,
+            shards,
+            pending: Pending::default(),
+            next_shard,
+            resume_info,
+            mean_buf: Vec::new(),
+            token_buf: Vec::new(),
+        })
+    }
+
+    /// Indices already durable from an earlier run: the caller skips them. A snapshot taken at
+    /// [`EmbeddingWriter::open`] (run-length encoded, a few bytes per contiguous run).
+    pub fn done(&self) -> Arc<dyn Fn(u64) -> bool + Send + Sync> {
+        let done = Arc::clone(&self.done);
+        Arc::new(move |index| done.contains(index))
+    }
+
+    /// What the earlier run left and what was kept.
+    pub fn resume_info(&self) -> &ResumeInfo {
+        &self.resume_info
+    }
+
+    /// Working directory (`<path>.partial`).
+    pub fn work_dir(&self) -> &Path {
+        &self.work
+    }
+
+    /// Buffers one pack: `mean` is `B × H` row-major for the pack's `B` sequences; `token_states` is
+    /// the pack's `[T, H]` per-token states with its `cu_seqlens` (`<cls>` and `<eos>` included; they
+    /// are dropped). Token states are ignored unless the output was opened with `per_token`.
+    pub fn write_pack(
+        &mut self,
+        sequences: &[SequenceMeta],
+        mean: &[f32],
+        token_states: Option<(&[f32], &[i32])>,
+    ) -> Result<(), OutputError> {
+        let h = self.layout.hidden;
+        let b = sequences.len();
+        if mean.len() != b * h {
+            return Err(OutputError::Pack {
+                message: format!(
+                    "{b} sequences with hidden size {h} need {} mean values, got {}",
+                    b * h,
+                    mean.len()
+                ),
+            });
+        }
+        let states = if self.layout.per_token {
+            let (states, cu) = token_states.ok_or_else(|| OutputError::Pack {
+                message: "per-token output was asked for but the pack has no token states".into(),
+            })?;
+            check_cu_seqlens(sequences, states, cu, h)?;
+            Some((states, cu))
+        } else {
+            None
+        };
+        for (i, seq) in sequences.iter().enumerate() {
+            if seq.id.contains('\0') {
+                return Err(OutputError::InvalidId {
+                    index: seq.index,
+                    id: seq.id.clone(),
+                });
+            }
+            if self.seen.insert(seq.index).is_err() {
+                return Err(OutputError::Duplicate {
+                    index: seq.index,
+                    id: seq.id.clone(),
+                });
+            }
+            encode_row(
+                &mean[i * h..(i + 1) * h],
+                self.layout.dtype,
+                &mut self.mean_buf,
+            );
+            let tokens = match states {
+                Some((states, cu)) => {
+                    // Residue rows only: skip `<cls>` at cu[i] and `<eos>` at cu[i + 1] - 1.
+                    let first = cu[i] as usize + 1;
+                    let rows = seq.residues as usize;
+                    encode_row(
+                        &states[first * h..(first + rows) * h],
+                        self.layout.dtype,
+                        &mut self.token_buf,
+                    );
+                    Some(&self.token_buf[..])
+                }
+                None => None,
+            };
+            self.pending
+                .push(seq.index, seq.residues, &seq.id, &self.mean_buf, tokens);
+            if self.pending.len() >= self.config.shard_sequences
+                || self.pending.bytes() >= MAX_SHARD_BYTES
+            {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes everything buffered durable now (one shard). `write_pack` and `finish` call it; call it
+    /// yourself before a planned stop.
+    pub fn flush(&mut self) -> Result<(), OutputError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let name = journal::shard_name(self.next_shard);
+        self.next_shard += 1;
+        let tmp = self.work.join(format!("{name}.tmp"));
+        let path = self.work.join(&name);
+        let header = self.pending.write_to(&tmp, self.layout)?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        sync_dir(&self.work)?;
+        let entry = journal::Entry {
+            name,
+            records: header.records,
+            token_rows: header.token_rows,
+            payload_len: header.payload_len,
+            payload_crc: header.payload_crc,
+        };
+        let journal_path = self.work.join(JOURNAL);
+        // One write call per line: a kill leaves the line whole or torn, and a torn line is ignored.
+        self.journal
+            .write_all(entry.to_line().as_bytes())
+            .map_err(io_err(&journal_path))?;
+        self.journal.sync_data().map_err(io_err(&journal_path))?;
+        self.shards.push(entry);
+        Ok(())
+    }
+
+    /// Flushes, checks that exactly the indices `0..expected_sequences` were written, merges the
+    /// shards into the final file (temp name, then atomic rename) and removes the working files.
+    pub fn finish(mut self, expected_sequences: u64) -> Result<FinishSummary, OutputError> {
+        self.flush()?;
+        if let Some(max) = self.seen.max()
+            && max >= expected_sequences
+        {
+            return Err(OutputError::OutOfRange {
+                index: max,
+                expected: expected_sequences,
+            });
+        }
+        if let Some(index) = self.seen.first_missing(expected_sequences) {
+            return Err(OutputError::Missing {
+                index,
+                missing: expected_sequences - self.seen.len(),
+                expected: expected_sequences,
+            });
+        }
+        let scratch = self.work.join(SCRATCH);
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch).map_err(io_err(&scratch))?;
+        }
+        std::fs::create_dir(&scratch).map_err(io_err(&scratch))?;
+        let shard_paths: Vec<PathBuf> = self
+            .shards
+            .iter()
+            .map(|e| self.work.join(&e.name))
+            .collect();
+        let token_rows: u64 = self.shards.iter().map(|e| e.token_rows).sum();
+        let runs = merge::reduce(shard_paths, &scratch, self.layout)?;
+        let mut tmp_name = self
+            .config
+            .path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        tmp_name.push(".tmp");
+        let tmp = self.work.join(tmp_name);
+        let written = merge::write_final(
+            &tmp,
+            &runs,
+            self.layout,
+            &self.config.attributes,
+            expected_sequences,
+            token_rows,
+        )?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&tmp))?;
+        let path = self.config.path.clone();
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        sync_dir(&parent)?;
+        let bytes = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+        std::fs::remove_dir_all(&self.work).map_err(io_err(&self.work))?;
+        Ok(FinishSummary {
+            path,
+            sequences: expected_sequences,
+            token_rows: written.token_rows,
+            shards: self.shards.len(),
+            bytes,
+        })
+    }
+}
+
+fn validate(config: &OutputConfig) -> Result<(), OutputError> {
+    let invalid = |message: String| Err(OutputError::InvalidConfig { message });
+    if config.hidden_size == 0 || u32::try_from(config.hidden_size).is_err() {
+        return invalid(format!("hidden size {}", config.hidden_size));
+    }
+    if config.shard_sequences == 0 {
+        return invalid("shard_sequences must be at least 1".into());
+    }
+    let mut keys = std::collections::HashSet::new();
+    for (key, value) in &config.attributes {
+        if key.is_empty() || key.contains('\0') || key.contains('/') || key == "." {
+            return invalid(format!("attribute name {key:?}"));
+        }
+        if value.contains('\0') {
+            return invalid(format!("attribute {key}: value contains NUL"));
+        }
+        if !keys.insert(key.as_str()) {
+            return invalid(format!("attribute {key} given twice"));
+        }
+    }
+    Ok(())
+}
+
+/// First setting that differs, named for the error message.
+fn mismatch(previous: &Settings, now: &Settings) -> Option<String> {
+    if previous.format != now.format {
+        return Some(format!(
+            "working-file format ({} vs {})",
+            previous.format, now.format
+        ));
+    }
+    if previous.hidden_size != now.hidden_size {
+        return Some(format!(
+            "hidden size ({} then, {} now)",
+            previous.hidden_size, now.hidden_size
+        ));
+    }
+    if previous.dtype != now.dtype {
+        return Some(format!(
+            "dtype ({:?} then, {:?} now)",
+            previous.dtype, now.dtype
+        ));
+    }
+    if previous.per_token != now.per_token {
+        return Some(format!(
+            "per-token output ({} then, {} now)",
+            previous.per_token, now.per_token
+        ));
+    }
+    if previous.attributes != now.attributes {
+        let key = previous
+            .attributes
+            .iter()
+            .zip(&now.attributes)
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| {
+                if a.0 == b.0 {
+                    a.0.clone()
+                } else {
+                    format!("{} / {}", a.0, b.0)
+                }
+            })
+            .unwrap_or_else(|| "the number of attributes".into());
+        return Some(format!("attribute {key}"));
+    }
+    None
+}
+
+fn check_cu_seqlens(
+    sequences: &[SequenceMeta],
+    states: &[f32],
+    cu: &[i32],
+    h: usize,
+) -> Result<(), OutputError> {
+    let pack = |message: String| Err(OutputError::Pack { message });
+    if cu.len() != sequences.len() + 1 || cu.first() != Some(&0) {
+        return pack(format!(
+            "cu_seqlens has {} entries for {} sequences (must start at 0)",
+            cu.len(),
+            sequences.len()
+        ));
+    }
+    for (i, seq) in sequences.iter().enumerate() {
+        let tokens = i64::from(cu[i + 1]) - i64::from(cu[i]);
+        if tokens != i64::from(seq.residues) + 2 {
+            return pack(format!(
+                "sequence {} ({}) has {} residues but {tokens} tokens in cu_seqlens (expected \
+                 residues + 2 for <cls> and <eos>)",
+                seq.index, seq.id, seq.residues
+            ));
+        }
+    }
+    let total = cu[sequences.len()] as usize;
+    if states.len() != total * h {
+        return pack(format!(
+            "token states hold {} values, cu_seqlens says {total} tokens × {h}",
+            states.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a journaled shard completely (checksum included) and adds its indices to `seen`.
+fn verify_shard(
+    path: &Path,
+    layout: Layout,
+    entry: &journal::Entry,
+    seen: &mut IndexSet,
+) -> Result<(), OutputError> {
+    let reader = ShardReader::open(path, layout, 1 << 20)?;
+    if reader.header.records != entry.records
+        || reader.header.payload_len != entry.payload_len
+        || reader.header.payload_crc != entry.payload_crc
+        || reader.header.token_rows != entry.token_rows
+    {
+        return Err(OutputError::CorruptShard {
+            path: path.to_path_buf(),
+            message: "header differs from its journal line".into(),
+        });
+    }
+    // Indices are added tentatively; a shard that turns out corrupt must not count.
+    let mut mine = IndexSet::new();
+    let mut duplicate = None;
+    let mut in_order = true;
+    let mut last = None;
+    reader.scan(|head| {
+        if last.is_some_and(|l| head.index <= l) {
+            in_order = false;
+        }
+        last = Some(head.index);
+        if duplicate.is_none() && (seen.contains(head.index) || mine.insert(head.index).is_err()) {
+            duplicate = Some((head.index, head.id.clone()));
+        }
+    })?;
+    if !in_order {
+        return Err(OutputError::CorruptShard {
+            path: path.to_path_buf(),
+            message: "records are not sorted by index".into(),
+        });
+    }
+    if let Some((index, id)) = duplicate {
+        return Err(OutputError::Duplicate { index, id });
+    }
+    for (start, end) in mine.runs() {
+        seen.insert_run(start, end)
+            .map_err(|index| OutputError::Internal(format!("index {index} checked twice")))?;
+    }
+    Ok(())
+}
