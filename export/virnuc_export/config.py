@@ -1,0 +1,158 @@
+"""Model configurations (`models/*.yaml`, shared with the Rust runtime) and the ESM-2 alphabet."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# fair-esm `Alphabet.from_architecture("ESM-1b")` order; id = index. Matches runtime/core/src/alphabet.rs.
+ALPHABET: list[str] = [
+    "<cls>", "<pad>", "<eos>", "<unk>",
+    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
+    "X", "B", "U", "Z", "O", ".", "-",
+    "<null_1>", "<mask>",
+]  # fmt: skip
+CLS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 32
+
+# The fields of the Rust `ModelConfig` (deny_unknown_fields): exactly these keys, in this order.
+CONFIG_FIELDS: tuple[str, ...] = (
+    "name",
+    "checkpoint",
+    "hf_repo",
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "ffn_size",
+    "vocab_size",
+    "max_positions",
+    "max_residues",
+    "layer_norm_eps",
+    "rotary_base",
+    "token_dropout_scale",
+)
+_INT_FIELDS = {
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "ffn_size",
+    "vocab_size",
+    "max_positions",
+    "max_residues",
+}
+_FLOAT_FIELDS = {"layer_norm_eps", "rotary_base", "token_dropout_scale"}
+
+_TOKEN_IDS = {tok: i for i, tok in enumerate(ALPHABET) if len(tok) == 1}
+
+
+def repo_root() -> Path:
+    env = os.environ.get("VIRNUC_ROOT")
+    return Path(env) if env else Path(__file__).resolve().parents[2]
+
+
+def models_dir() -> Path:
+    return repo_root() / "models"
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Checks the fields and types of a model config; returns it normalised (field order, int/float)."""
+    missing = [f for f in CONFIG_FIELDS if f not in config]
+    extra = [k for k in config if k not in CONFIG_FIELDS]
+    if missing or extra:
+        raise ValueError(f"model config: missing fields {missing}, unknown fields {extra}")
+    out: dict[str, Any] = {}
+    for f in CONFIG_FIELDS:
+        v = config[f]
+        out[f] = int(v) if f in _INT_FIELDS else float(v) if f in _FLOAT_FIELDS else str(v)
+    if out["num_heads"] <= 0 or out["hidden_size"] % out["num_heads"] != 0:
+        raise ValueError(
+            f"hidden_size {out['hidden_size']} is not a multiple of num_heads {out['num_heads']}"
+        )
+    if (out["hidden_size"] // out["num_heads"]) % 2 != 0:
+        raise ValueError("head_dim must be even for rotary embeddings")
+    if out["vocab_size"] != len(ALPHABET):
+        raise ValueError(f"vocab_size {out['vocab_size']} != ESM-2 alphabet size {len(ALPHABET)}")
+    return out
+
+
+def load_model_config(name_or_path: str) -> dict[str, Any]:
+    """`esm2_t6_8M` (looked up in models/) or a path to a YAML file with the same fields."""
+    path = Path(name_or_path)
+    if not (name_or_path.endswith((".yaml", ".yml")) and path.exists()):
+        path = models_dir() / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in models_dir().glob("*.yaml"))
+        raise FileNotFoundError(f"no model config {name_or_path!r} (known: {', '.join(known)})")
+    with path.open() as f:
+        config = yaml.safe_load(f)
+    return validate_config(config)
+
+
+def config_for_architecture(
+    num_layers: int,
+    hidden_size: int,
+    num_heads: int,
+    ffn_size: int,
+    layer_norm_eps: float,
+    token_dropout: bool,
+) -> dict[str, Any]:
+    """The models/*.yaml entry with this architecture, or a custom config named after it."""
+    for path in sorted(models_dir().glob("*.yaml")):
+        with path.open() as f:
+            c = validate_config(yaml.safe_load(f))
+        if (c["num_layers"], c["hidden_size"], c["num_heads"], c["ffn_size"]) == (
+            num_layers,
+            hidden_size,
+            num_heads,
+            ffn_size,
+        ):
+            c["layer_norm_eps"] = float(layer_norm_eps)
+            c["token_dropout_scale"] = 0.88 if token_dropout else 1.0
+            return c
+    return validate_config(
+        {
+            "name": f"esm2_custom_t{num_layers}_h{hidden_size}",
+            "checkpoint": "",
+            "hf_repo": "",
+            "num_layers": num_layers,
+            "hidden_size": hidden_size,
+            "num_heads": num_heads,
+            "ffn_size": ffn_size,
+            "vocab_size": len(ALPHABET),
+            "max_positions": 1026,
+            "max_residues": 1022,
+            "layer_norm_eps": layer_norm_eps,
+            "rotary_base": 10000.0,
+            "token_dropout_scale": 0.88 if token_dropout else 1.0,
+        }
+    )
+
+
+def tokenize(sequence: str, max_residues: int | None = None) -> list[int]:
+    """`<cls>` + residues + `<eos>`; lowercase accepted, unknown characters become `<unk>`."""
+    residues = sequence.strip().upper()
+    if max_residues is not None:
+        residues = residues[:max_residues]
+    return [CLS, *(_TOKEN_IDS.get(c, UNK) for c in residues), EOS]
+
+
+def read_fasta(path: str | Path) -> list[tuple[str, str]]:
+    """Minimal FASTA reader for the reference CLI and tests: [(id, sequence)]."""
+    records: list[tuple[str, str]] = []
+    name: str | None = None
+    chunks: list[str] = []
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line.startswith(">"):
+                if name is not None:
+                    records.append((name, "".join(chunks)))
+                name = line[1:].split()[0] if line[1:].strip() else ""
+                chunks = []
+            elif line.strip():
+                chunks.append(line.strip())
+    if name is not None:
+        records.append((name, "".join(chunks)))
+    return records

@@ -1,0 +1,106 @@
+"""Export driver: weight source + options → DIR/model.onnx (+ model.onnx.data) + DIR/model.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from . import __version__
+from .config import ALPHABET
+from .graph import EsmGraph, GraphOptions, InitializerStore
+from .weights import WeightSource, canonical_names, canonical_shape
+
+FORMAT = "virnuc-trt-onnx/1"
+# Protobuf cannot hold more than 2 GiB; above this many weight bytes the tensors go to model.onnx.data.
+EXTERNAL_THRESHOLD = 1 << 30
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    metadata_path: Path
+    data_path: Path | None
+    metadata: dict[str, Any]
+    seconds: float
+
+
+def weight_bytes(source: WeightSource, precision: str) -> int:
+    per = 2 if precision == "fp16" else 4
+    total = 0
+    for name, _ in canonical_names(source.config):
+        n = 1
+        for dim in canonical_shape(source.config, name):
+            n *= dim
+        total += n * per
+    return total
+
+
+def tensor_specs(options: GraphOptions, hidden: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    inputs = [
+        {"name": "input_ids", "dtype": "int64", "shape": ["total_tokens"]},
+        {"name": "position_ids", "dtype": "int64", "shape": ["total_tokens"]},
+        {"name": "cu_seqlens", "dtype": "int32", "shape": ["batch_plus_1"]},
+    ]
+    outputs = [{"name": "mean", "dtype": "float32", "shape": ["batch", str(hidden)]}]
+    if options.per_token:
+        outputs.append({"name": "hidden", "dtype": "float32", "shape": ["total_tokens", str(hidden)]})
+    return inputs, outputs
+
+
+def export(
+    source: WeightSource, options: GraphOptions, out_dir: str | Path, external_data: str = "auto"
+) -> ExportResult:
+    """Writes the graph and its metadata; returns their paths and the metadata dict."""
+    start = time.monotonic()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "model.onnx"
+    data_path = out / "model.onnx.data"
+    if external_data not in ("auto", "always", "never"):
+        raise ValueError("external_data must be auto, always or never")
+    use_external = external_data == "always" or (
+        external_data == "auto" and weight_bytes(source, options.precision) > EXTERNAL_THRESHOLD
+    )
+    if data_path.exists():
+        data_path.unlink()
+    store = InitializerStore(data_path if use_external else None)
+    try:
+        model = EsmGraph(source, options, store).build()
+    finally:
+        store.close()
+    onnx.save_model(model, str(onnx_path))
+    del model
+    onnx.checker.check_model(str(onnx_path))
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    inputs, outputs = tensor_specs(options, source.config["hidden_size"])
+    metadata: dict[str, Any] = {
+        "format": FORMAT,
+        "model": dict(source.config),
+        "alphabet": list(ALPHABET),
+        "attention": options.attention,
+        "fused": bool(options.fused),
+        "precision": options.precision,
+        "repr_layer": int(source.config["num_layers"] if options.repr_layer is None else options.repr_layer),
+        "inputs": inputs,
+        "outputs": outputs,
+        "source": {
+            "kind": source.kind,
+            "path": source.path,
+            "sha256": source.checkpoint_sha256(),
+            "seed": source.seed,
+        },
+        "random_weights": source.kind == "random",
+        "exporter_version": __version__,
+        "onnx_sha256": digest,
+    }
+    metadata_path = out / "model.json"
+    metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
+    return ExportResult(
+        onnx_path, metadata_path, data_path if use_external else None, metadata, time.monotonic() - start
+    )

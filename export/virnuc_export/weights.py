@@ -1,0 +1,303 @@
+"""Weights from any source, in one canonical form: HF `EsmModel` state-dict names (no `esm.` prefix),
+float32 numpy arrays, produced one tensor at a time so that big models stream through the exporter.
+
+Sources: a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin), a fair-esm `.pt`
+checkpoint, or seeded random weights for a `models/*.yaml` config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import config_for_architecture, load_model_config
+
+_LAYER_PARAMS: tuple[tuple[str, str], ...] = (
+    # (canonical suffix under encoder.layer.{i}., kind) — kind picks the random init.
+    ("attention.LayerNorm.weight", "ln_weight"),
+    ("attention.LayerNorm.bias", "bias"),
+    ("attention.self.query.weight", "matrix"),
+    ("attention.self.query.bias", "bias"),
+    ("attention.self.key.weight", "matrix"),
+    ("attention.self.key.bias", "bias"),
+    ("attention.self.value.weight", "matrix"),
+    ("attention.self.value.bias", "bias"),
+    ("attention.output.dense.weight", "matrix"),
+    ("attention.output.dense.bias", "bias"),
+    ("LayerNorm.weight", "ln_weight"),
+    ("LayerNorm.bias", "bias"),
+    ("intermediate.dense.weight", "matrix"),
+    ("intermediate.dense.bias", "bias"),
+    ("output.dense.weight", "matrix"),
+    ("output.dense.bias", "bias"),
+)
+
+
+def canonical_names(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every parameter the packed graph needs, with its init kind, in a fixed order."""
+    names = [("embeddings.word_embeddings.weight", "embedding")]
+    for i in range(config["num_layers"]):
+        names += [(f"encoder.layer.{i}.{suffix}", kind) for suffix, kind in _LAYER_PARAMS]
+    names += [
+        ("encoder.emb_layer_norm_after.weight", "ln_weight"),
+        ("encoder.emb_layer_norm_after.bias", "bias"),
+    ]
+    return names
+
+
+def canonical_shape(config: dict[str, Any], name: str) -> tuple[int, ...]:
+    h, f, v = config["hidden_size"], config["ffn_size"], config["vocab_size"]
+    if name == "embeddings.word_embeddings.weight":
+        return (v, h)
+    if name.endswith("intermediate.dense.weight"):
+        return (f, h)
+    if name.endswith("intermediate.dense.bias"):
+        return (f,)
+    if name.endswith("output.dense.weight") and not name.endswith("attention.output.dense.weight"):
+        return (h, f)
+    if name.endswith(".weight") and ("query" in name or "key" in name or "value" in name or "dense" in name):
+        return (h, h)
+    return (h,)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class WeightSource:
+    """A model config plus a lazy `get(name)` of float32 canonical tensors."""
+
+    kind: str = ""
+    config: dict[str, Any]
+    path: str | None = None
+    seed: int | None = None
+
+    def get(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def checkpoint_sha256(self) -> str | None:
+        return None
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name, _ in canonical_names(self.config):
+            yield name, self.get(name)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """All tensors at once (for the reference and small models only)."""
+        return dict(self.items())
+
+
+class RandomWeights(WeightSource):
+    """Seeded random weights in which every parameter is random, so that a bias or layer-norm bug shows.
+
+    Each tensor has its own generator seeded by (seed, crc32(name)): the values do not depend on the order
+    tensors are asked for. Matrices and embeddings N(0, 1/fan_in) and N(0, 1) (attention logits of order 1),
+    biases 0.02·N(0, 1), layer-norm weights 1 + 0.1·N(0, 1).
+    """
+
+    kind = "random"
+
+    def __init__(self, config_name: str, seed: int) -> None:
+        self.config = load_model_config(config_name)
+        self.path = None
+        self.seed = int(seed)
+        self._kinds = dict(canonical_names(self.config))
+
+    def get(self, name: str) -> np.ndarray:
+        kind = self._kinds[name]
+        shape = canonical_shape(self.config, name)
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        x = rng.standard_normal(shape, dtype=np.float32)
+        if kind == "matrix":
+            x *= np.float32(1.0 / np.sqrt(shape[1]))
+        elif kind == "bias":
+            x *= np.float32(0.02)
+        elif kind == "ln_weight":
+            x *= np.float32(0.1)
+            x += np.float32(1.0)
+        return x
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    """torch tensor (any float dtype) → float32 numpy."""
+    import torch
+
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(torch.float32).cpu().numpy()
+    return np.asarray(t, dtype=np.float32)
+
+
+class _TensorMapSource(WeightSource):
+    """Canonical names looked up in a mapping of checkpoint tensors (lazy: safetensors or mmap'd torch)."""
+
+    def __init__(self) -> None:
+        self._lookup: dict[str, Any] = {}
+        self._files: list[Path] = []
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._lookup:
+            raise KeyError(f"{self.path}: checkpoint has no tensor for {name}")
+        value = self._lookup[name]
+        arr = _to_numpy(value() if callable(value) else value)
+        want = canonical_shape(self.config, name)
+        if arr.shape != want:
+            raise ValueError(f"{self.path}: {name} has shape {arr.shape}, expected {want}")
+        return arr
+
+    def checkpoint_sha256(self) -> str | None:
+        if not self._files:
+            return None
+        if len(self._files) == 1:
+            return sha256_file(self._files[0])
+        # Several files: sha256 over "name sha256" lines, sorted (stable, and says which file changed).
+        lines = sorted(f"{p.name} {sha256_file(p)}" for p in self._files)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+class HfWeights(_TensorMapSource):
+    """A Hugging Face ESM-2 folder: config.json + model.safetensors (one or sharded) or pytorch_model.bin."""
+
+    kind = "hf"
+
+    def __init__(self, folder: str | Path) -> None:
+        super().__init__()
+        folder = Path(folder)
+        self.path = str(folder)
+        with (folder / "config.json").open() as f:
+            hf = json.load(f)
+        if hf.get("position_embedding_type", "absolute") != "rotary" or hf.get("emb_layer_norm_before"):
+            raise ValueError(
+                f"{folder}: not an ESM-2 config (needs rotary positions, no emb_layer_norm_before)"
+            )
+        self.config = config_for_architecture(
+            hf["num_hidden_layers"],
+            hf["hidden_size"],
+            hf["num_attention_heads"],
+            hf["intermediate_size"],
+            hf.get("layer_norm_eps", 1e-5),
+            bool(hf.get("token_dropout", False)),
+        )
+        if hf.get("mask_token_id", 32) != 32 or hf.get("vocab_size", 33) != 33:
+            raise ValueError(f"{folder}: vocabulary differs from the ESM-2 alphabet")
+        raw: dict[str, Any] = {}
+        st = sorted(folder.glob("model*.safetensors"))
+        if st:
+            from safetensors import safe_open
+
+            for p in st:
+                handle = safe_open(str(p), framework="pt")
+                for key in handle.keys():
+                    raw[key] = lambda h=handle, k=key: h.get_tensor(k)
+            self._files = st
+        else:
+            bins = sorted(folder.glob("pytorch_model*.bin"))
+            if not bins:
+                raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+            import torch
+
+            for p in bins:
+                raw.update(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
+            self._files = bins
+        for key, value in raw.items():
+            name = key[len("esm.") :] if key.startswith("esm.") else key
+            self._lookup[name] = value
+
+
+_FAIR_LAYER_MAP = {
+    "self_attn_layer_norm": "attention.LayerNorm",
+    "self_attn.q_proj": "attention.self.query",
+    "self_attn.k_proj": "attention.self.key",
+    "self_attn.v_proj": "attention.self.value",
+    "self_attn.out_proj": "attention.output.dense",
+    "final_layer_norm": "LayerNorm",
+    "fc1": "intermediate.dense",
+    "fc2": "output.dense",
+}
+_FAIR_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def fair_esm_to_canonical(key: str) -> str | None:
+    """fair-esm ESM2 state-dict key (prefixes stripped) → canonical HF name; None for unused tensors."""
+    if key == "embed_tokens.weight":
+        return "embeddings.word_embeddings.weight"
+    if key.startswith("emb_layer_norm_after."):
+        return "encoder." + key
+    m = _FAIR_LAYER_RE.match(key)
+    if m and m.group(2) in _FAIR_LAYER_MAP:
+        return f"encoder.layer.{m.group(1)}.{_FAIR_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def _cfg_get(cfg: Any, key: str) -> Any:
+    if cfg is None:
+        return None
+    if isinstance(cfg, dict):
+        return cfg.get(key)
+    return getattr(cfg, key, None)
+
+
+class FairEsmWeights(_TensorMapSource):
+    """A fair-esm ESM-2 checkpoint: {"model": state dict, "cfg": {"model": ...}} (or "args")."""
+
+    kind = "fair-esm"
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        import torch
+
+        path = Path(path)
+        self.path = str(path)
+        self._files = [path]
+        try:
+            data = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError:  # legacy (non-zip) checkpoints cannot be memory-mapped
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        state = data["model"] if "model" in data else data
+        prefix = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
+        stripped = {prefix.sub("", k): v for k, v in state.items()}
+        for key, value in stripped.items():
+            name = fair_esm_to_canonical(key)
+            if name is not None:
+                self._lookup[name] = value
+        cfg = _cfg_get(data.get("cfg"), "model") if "cfg" in data else data.get("args")
+        layers = {int(m.group(1)) for k in stripped if (m := _FAIR_LAYER_RE.match(k))}
+        hidden = int(stripped["embed_tokens.weight"].shape[1])
+        heads = _cfg_get(cfg, "encoder_attention_heads") or _cfg_get(cfg, "attention_heads")
+        if heads is None:
+            raise ValueError(f"{path}: checkpoint cfg/args do not give the number of attention heads")
+        token_dropout = _cfg_get(cfg, "token_dropout")
+        self.config = config_for_architecture(
+            len(layers),
+            hidden,
+            int(heads),
+            int(stripped["layers.0.fc1.weight"].shape[0]),
+            1e-5,
+            True if token_dropout is None else bool(token_dropout),
+        )
+
+
+def open_source(
+    hf: str | None = None, fair_esm: str | None = None, random: str | None = None, seed: int | None = None
+) -> WeightSource:
+    given = [x is not None for x in (hf, fair_esm, random)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of --hf, --fair-esm, --random")
+    if hf is not None:
+        return HfWeights(hf)
+    if fair_esm is not None:
+        return FairEsmWeights(fair_esm)
+    if seed is None:
+        raise ValueError("--random needs --seed")
+    assert random is not None
+    return RandomWeights(random, seed)
