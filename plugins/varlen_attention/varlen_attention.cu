@@ -12,10 +12,12 @@
 // its sequence by a binary search over s_b (log2(batch) reads of cu_seqlens) and leaves at once if
 // its slot is past the sequence's last tile. No workspace, no prefix pass, no host copy.
 //
-// Kernels (extern "C", one per dtype and head dim, 128 threads, static shared memory < 48 KiB):
+// Kernels (extern "C", one per dtype and head dim, static shared memory < 48 KiB):
 //   virnuc_varlen_attention_{f32,f16,bf16}_d{16,24,32,64,128}
 // Arguments: (qkv, cu_seqlens, position_ids, out, total_tokens, batch, num_heads, scale, rotary,
-//   rotary_base). Grid: (total_tokens / BM + batch, num_heads), BM = 64 for f16/bf16 and 32 for f32.
+//   rotary_base). Grid: (total_tokens / BM + batch, num_heads). Block (threads, BM rows):
+//   f16/bf16 D <= 64: (256, 128); f16/bf16 D = 128: (128, 64); f32: (128, 32).
+//   varlen_attention_launch.h (C++) and runtime/cuda (Rust) carry the same table.
 //
 // 16-bit types: tensor cores (mma.sync m16n8k16, fp32 accumulators), q·k, softmax and p·v in fp32.
 // Tensor-core operands must be 16-bit, so rotated q/k and the probabilities p are rounded to the
@@ -34,9 +36,14 @@
 
 namespace virnuc {
 
-constexpr int kThreads = 128;
-constexpr int kBlockM16 = 64;  // query rows per block, 16-bit kernels (4 warps x 16 rows)
-constexpr int kBlockM32 = 32;  // query rows per block, fp32 kernel (4 threads per row)
+// 16-bit kernels: one warp per 16 query rows; 8 warps (128 rows) share each k/v tile, except at
+// D = 128 where ~165 registers a thread allow only 4 warps if two blocks are to fit an SM.
+template <int D>
+__host__ __device__ constexpr int warps16() {
+  return D == 128 ? 4 : 8;
+}
+constexpr int kThreads32 = 128;  // fp32 kernel: 4 threads per query row
+constexpr int kBlockM32 = 32;    // query rows per block, fp32 kernel
 
 // ---------------------------------------------------------------------------------------------
 // Shared by both kernels: where this block works, and the rotary frequencies.
@@ -75,7 +82,7 @@ __device__ __forceinline__ bool locate(const int* __restrict__ cu, int batch, in
 // implementation that rounds the exact value agrees bit for bit.
 template <int D>
 __device__ __forceinline__ void rotary_frequencies(float* inv_freq, float base) {
-  for (int i = static_cast<int>(threadIdx.x); i < D / 2; i += kThreads) {
+  for (int i = static_cast<int>(threadIdx.x); i < D / 2; i += static_cast<int>(blockDim.x)) {
     inv_freq[i] = static_cast<float>(pow(static_cast<double>(base), -2.0 * i / D));
   }
 }
@@ -217,7 +224,7 @@ __device__ __forceinline__ void load_qk(uint16_t* hi, uint16_t* lo, const uint16
   constexpr int HALF = D / 2;
   constexpr int VEC = (HALF % 8 == 0) ? 8 : 4;
   constexpr int CH = HALF / VEC;
-  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += kThreads) {
+  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += static_cast<int>(blockDim.x)) {
     const int r = u / CH;
     const int c = (u % CH) * VEC;
     float x1[VEC];
@@ -284,7 +291,7 @@ __device__ __forceinline__ void load_v(uint16_t* dst, const uint16_t* qkv, long 
                                        int col, int tok0, int nvalid) {
   constexpr int VEC = (D % 8 == 0) ? 8 : 4;
   constexpr int CH = D / VEC;
-  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += kThreads) {
+  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += static_cast<int>(blockDim.x)) {
     const int r = u / CH;
     const int c = (u % CH) * VEC;
     uint16_t a[VEC];
@@ -305,7 +312,9 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
                                                 uint16_t* __restrict__ out, int total, int batch,
                                                 int heads, float scale, int rotary_flag,
                                                 float base) {
-  constexpr int BM = kBlockM16;
+  constexpr int WARPS = warps16<D>();
+  constexpr int THREADS = WARPS * 32;
+  constexpr int BM = WARPS * 16;
   constexpr int BN = D <= 64 ? 64 : 32;  // keys per tile; 32 at D=128 keeps shared memory < 48 KiB
   constexpr int DP = (D + 15) / 16 * 16;  // k-dimension padded to the mma's 16
   constexpr int LDS = DP + 8;             // +16 bytes a row: conflict-free ldmatrix
@@ -315,11 +324,17 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
   constexpr bool SPLIT = sizeof(T) == 2 && !__is_same(T, __half);  // bf16: hi/lo operands
   static_assert(DT % 2 == 0 && NT % 2 == 0, "tiles come in pairs for ldmatrix.x4");
 
-  __shared__ __align__(16) uint16_t sQ[BM * LDS];
-  __shared__ __align__(16) uint16_t sK[BN * LDS];
-  __shared__ __align__(16) uint16_t sV[BN * LDS];
-  __shared__ __align__(16) uint16_t sKlo[SPLIT ? BN * LDS : 8];
+  // q is needed in shared memory only before the key loop (to build its register fragments) and
+  // after it (to stage the output), so the k/v tiles share its space: with the same row stride,
+  // the zero padding columns of the rows coincide.
+  constexpr int KV = (SPLIT ? 3 : 2) * BN * LDS;
+  constexpr int SMEM = BM * LDS > KV ? BM * LDS : KV;
+  __shared__ __align__(16) uint16_t smem[SMEM];
   __shared__ float inv_freq[D / 2];
+  uint16_t* const sQ = smem;
+  uint16_t* const sK = smem;
+  uint16_t* const sV = smem + BN * LDS;
+  uint16_t* const sKlo = smem + 2 * BN * LDS;
 
   Work w;
   if (!locate(cu, batch, total, BM, w)) return;
@@ -334,12 +349,7 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
   const int lane = tid % 32;
 
   // Zero everything once: the padded columns D..DP must be zero for the q·k products.
-  for (int i = tid; i < BM * LDS; i += kThreads) sQ[i] = 0;
-  for (int i = tid; i < BN * LDS; i += kThreads) {
-    sK[i] = 0;
-    sV[i] = 0;
-    if constexpr (SPLIT) sKlo[i] = 0;
-  }
+  for (int i = tid; i < SMEM; i += THREADS) smem[i] = 0;
   if (rotary) rotary_frequencies<D>(inv_freq, base);
   __syncthreads();
 
@@ -379,6 +389,7 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
   float l0 = 0.0f;
   float l1 = 0.0f;
   const float sl2 = scale * 1.4426950408889634f;  // exp(x) = exp2(x * log2 e)
+  const bool active = warp * 16 < nq;
 
   for (int kv0 = 0; kv0 < w.len; kv0 += BN) {
     const int nk = min(BN, w.len - kv0);
@@ -387,6 +398,8 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
                            w.start + kv0, nk, pos, inv_freq, rotary);
     load_v<D, BN, LDS>(sV, qkv, row_stride, vcol, w.start + kv0, nk);
     __syncthreads();
+    // Warps whose 16 rows are all past the sequence's end only help with the loads.
+    if (!active) continue;
 
     float s[NT][4];
 #pragma unroll
@@ -521,7 +534,7 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
     constexpr int VEC = (D % 8 == 0) ? 8 : 4;
     constexpr int CH = D / VEC;
     const long long out_stride = static_cast<long long>(heads) * D;
-    for (int u = tid; u < nq * CH; u += kThreads) {
+    for (int u = tid; u < nq * CH; u += THREADS) {
       const int r = u / CH;
       const int c = (u % CH) * VEC;
       uint16_t v[VEC];
@@ -545,7 +558,7 @@ __device__ __forceinline__ void load_qk_f32(float* dst, const float* qkv, long l
   constexpr int VEC = 4;
   constexpr int CH = HALF / VEC;
   static_assert(HALF % VEC == 0, "D/2 must be a multiple of 4");
-  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += kThreads) {
+  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += static_cast<int>(blockDim.x)) {
     const int r = u / CH;
     const int c = (u % CH) * VEC;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -622,7 +635,7 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
     const int nk = min(BN, w.len - kv0);
     __syncthreads();
     load_qk_f32<BN, D, LDS>(sK, qkv, row_stride, kcol, w.start + kv0, nk, pos, inv_freq, rotary);
-    for (int u = tid; u < BN * (D / 4); u += kThreads) {
+    for (int u = tid; u < BN * (D / 4); u += kThreads32) {
       const int r = u / (D / 4);
       const int c = (u % (D / 4)) * 4;
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -688,7 +701,7 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
 // Entry points (names are the ABI the loaders look up).
 
 #define VIRNUC_KERNEL_16(NAME, T, D)                                                           \
-  extern "C" __global__ void __launch_bounds__(virnuc::kThreads)                               \
+  extern "C" __global__ void __launch_bounds__(virnuc::warps16<D>() * 32)                             \
       NAME(const void* qkv, const int* cu_seqlens, const long long* position_ids, void* out,   \
            int total_tokens, int batch, int num_heads, float scale, int rotary,                \
            float rotary_base) {                                                                \
@@ -698,7 +711,7 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
   }
 
 #define VIRNUC_KERNEL_32(NAME, D)                                                              \
-  extern "C" __global__ void __launch_bounds__(virnuc::kThreads)                               \
+  extern "C" __global__ void __launch_bounds__(virnuc::kThreads32)                             \
       NAME(const void* qkv, const int* cu_seqlens, const long long* position_ids, void* out,   \
            int total_tokens, int batch, int num_heads, float scale, int rotary,                \
            float rotary_base) {                                                                \
@@ -755,11 +768,12 @@ extern "C" cudaError_t virnuc_varlen_attention_launch(cudaStream_t stream, const
 #undef VIRNUC_PICK
   if (k == nullptr) return cudaErrorInvalidValue;
   const virnuc::varlen::Grid g =
-      virnuc::varlen::grid(total_tokens, batch, num_heads, onnx_dtype);
+      virnuc::varlen::grid(total_tokens, batch, num_heads, head_dim, onnx_dtype);
   if (g.x == 0 || g.y == 0) return cudaSuccess;
-  k<<<dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y)), virnuc::kThreads, 0,
-      stream>>>(qkv, cu_seqlens, position_ids, out, total_tokens, batch, num_heads, scale, rotary,
-                rotary_base);
+  const dim3 blocks(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
+  const unsigned threads = static_cast<unsigned>(virnuc::varlen::threads(onnx_dtype, head_dim));
+  k<<<blocks, threads, 0, stream>>>(qkv, cu_seqlens, position_ids, out, total_tokens, batch,
+                                     num_heads, scale, rotary, rotary_base);
   return cudaGetLastError();
 }
 #endif

@@ -20,22 +20,28 @@ constexpr int kOnnxFloat = 1;
 constexpr int kOnnxFloat16 = 10;
 constexpr int kOnnxBfloat16 = 16;
 
-// Launch geometry of the kernels in varlen_attention.cu.
-constexpr int kThreads = 128;
-constexpr int kBlockM16 = 64;  // query rows per block, f16/bf16
-constexpr int kBlockM32 = 32;  // query rows per block, f32
+// Launch geometry of the kernels in varlen_attention.cu (static shared memory: no size to pass).
+// 16-bit kernels: one warp per 16 query rows, 8 warps (4 at head_dim 128); fp32: 128 threads,
+// 32 rows.
+inline int threads(int onnx_dtype, long long head_dim) {
+  if (onnx_dtype == kOnnxFloat) return 128;
+  return head_dim == 128 ? 128 : 256;
+}
+inline int block_m(int onnx_dtype, long long head_dim) {
+  if (onnx_dtype == kOnnxFloat) return 32;
+  return threads(onnx_dtype, head_dim) / 2;  // 16 rows per 32-thread warp
+}
 
 struct Grid {
   long long x;
   long long y;
 };
 
-inline int block_m(int onnx_dtype) { return onnx_dtype == kOnnxFloat ? kBlockM32 : kBlockM16; }
-
 // Slots: floor(total / BM) + batch per head (see the kernel's header comment for the proof).
-inline Grid grid(long long total_tokens, long long batch, long long num_heads, int onnx_dtype) {
+inline Grid grid(long long total_tokens, long long batch, long long num_heads, long long head_dim,
+                 int onnx_dtype) {
   if (total_tokens <= 0 || batch <= 0 || num_heads <= 0) return Grid{0, 0};
-  return Grid{total_tokens / block_m(onnx_dtype) + batch, num_heads};
+  return Grid{total_tokens / block_m(onnx_dtype, head_dim) + batch, num_heads};
 }
 
 inline bool supported_head_dim(long long d) {

@@ -73,8 +73,9 @@ static void test_validation() {
 static void test_slots() {
   std::mt19937 rng(7);
   for (int trial = 0; trial < 2000; ++trial) {
-    const int dtype = (trial % 2) ? 10 : 1;
-    const long long bm = virnuc::varlen::block_m(dtype);
+    const int dtype = (trial % 3 == 0) ? 1 : (trial % 3 == 1) ? 10 : 16;
+    const long long head_dim = (trial % 5 == 0) ? 128 : 64;
+    const long long bm = virnuc::varlen::block_m(dtype, head_dim);
     const int batch = 1 + static_cast<int>(rng() % 300);
     std::vector<long long> cu(batch + 1, 0);
     for (int b = 0; b < batch; ++b) {
@@ -83,7 +84,7 @@ static void test_slots() {
       cu[b + 1] = cu[b] + len;
     }
     const long long total = cu[batch];
-    const auto g = virnuc::varlen::grid(total, batch, 20, dtype);
+    const auto g = virnuc::varlen::grid(total, batch, 20, head_dim, dtype);
     if (total == 0) {
       CHECK(g.x == 0);
       continue;
@@ -100,8 +101,12 @@ static void test_slots() {
     CHECK(used <= g.x);
     CHECK(g.y == 20);
   }
-  CHECK(virnuc::varlen::grid(0, 1, 20, 10).x == 0);
-  CHECK(virnuc::varlen::grid(100, 0, 20, 10).x == 0);
+  CHECK(virnuc::varlen::grid(0, 1, 20, 64, 10).x == 0);
+  CHECK(virnuc::varlen::grid(100, 0, 20, 64, 10).x == 0);
+  // The geometry table of varlen_attention.cu's header comment.
+  CHECK(virnuc::varlen::threads(10, 64) == 256 && virnuc::varlen::block_m(10, 64) == 128);
+  CHECK(virnuc::varlen::threads(16, 128) == 128 && virnuc::varlen::block_m(16, 128) == 64);
+  CHECK(virnuc::varlen::threads(1, 64) == 128 && virnuc::varlen::block_m(1, 64) == 32);
 }
 
 int main() {

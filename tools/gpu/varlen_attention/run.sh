@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call: correctness, negative control, compute-sanitizer, speed. Results under $OUT.
+# Run from the project root on the GPU machine, carrying build/varlen_attention (the fatbin built
+# here by plugins/varlen_attention/build.sh):
+#   bash tools/gpu/varlen_attention/run.sh [check|control|sanitize|racecheck|bench]...   (default: all)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
+out="${OUT:-/tmp/varlen_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=tools/gpu/varlen_attention/varlen_gpu.py
+steps=("$@")
+[[ ${#steps[@]} -eq 0 ]] && steps=(check control sanitize bench)
+status=0
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } | tee "$out/device.txt"
+sanitize() {
+  local tool="$1"
+  # Check only our kernels (torch's own are not under test); fall back to the older flag name.
+  compute-sanitizer --tool "$tool" --error-exitcode 9 --kernel-name kns=virnuc_varlen \
+    python3 "$py" check --quick >"$out/$tool.txt" 2>&1
+  local rc=$?
+  if grep -q "unrecognized\|Unknown option\|invalid option" "$out/$tool.txt"; then
+    compute-sanitizer --tool "$tool" --error-exitcode 9 --filter kns=virnuc_varlen \
+      python3 "$py" check --quick >"$out/$tool.txt" 2>&1
+    rc=$?
+  fi
+  tail -n 4 "$out/$tool.txt"
+  echo "$tool exit code: $rc"
+  return $rc
+}
+for s in "${steps[@]}"; do
+  echo "== $s"
+  case "$s" in
+    check) python3 "$py" check --out "$out/check.json" 2>&1 | tee "$out/check.txt" || status=1 ;;
+    control) python3 "$py" control 2>&1 | tee "$out/control.txt" || status=1 ;;
+    sanitize) sanitize memcheck || status=1 ;;
+    racecheck) sanitize racecheck || status=1 ;;
+    bench) python3 "$py" bench --out "$out/bench.json" 2>&1 | tee "$out/bench.txt" || status=1 ;;
+    # An earlier kernel version, carried as build/varlen_<tag>/varlen_attention.fatbin, timed in
+    # the same call for a same-card comparison (VARLEN_GEOMETRY names its launch geometry).
+    bench-*) tag="${s#bench-}"
+      VARLEN_FATBIN="build/varlen_$tag/varlen_attention.fatbin" VARLEN_GEOMETRY="$tag" \
+        python3 "$py" bench 2>&1 | tee "$out/bench_$tag.txt" || status=1 ;;
+    *) echo "unknown step $s"; status=1 ;;
+  esac
+done
+exit $status
