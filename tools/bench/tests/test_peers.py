@@ -13,6 +13,7 @@ import pytest
 import torch
 from packed_esm import PackedEsm, PackedInputs, ffd_packs, padded_batches
 from peers import TorchPeer, canonical_weights_torch, hf_model, read_embeddings_h5
+
 from virnuc_export.config import ALPHABET, tokenize
 
 AMINO = "LAGVSERTIDPKQNFYMHWC"

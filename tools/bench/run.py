@@ -1,0 +1,487 @@
+#!/usr/bin/env python3
+"""virnuc-trt against its peers, end to end (protein FASTA in, mean-embedding HDF5 out), in one run.
+
+Tools (`--peers`; `NAME:PREC` pins a precision):
+  virnuc-trt    the release binary, `virnuc-trt embed --mode protein`, one row per budget in
+                --virnuc-budgets (the best marked); model exported here with random weights
+                (`python -m virnuc_export --random NAME --seed N --attention ATTN --precision P`), cached
+                in --work, export time reported apart. fp16 and fp32 (from --precisions).
+  hf-eager      HF transformers EsmModel, eager attention, fp32, padded length-sorted batches of
+                --hf-eager-budget (4096) tokens: fair-esm batching, VirNucPro v1.0.
+  hf-sdpa       HF EsmModel, SDPA attention, padded, --hf-sdpa-budget (16384) tokens; fp16 on GPU,
+                fp32 on CPU.
+  torch-packed  our packed PyTorch ESM-2 forward (tools/bench/packed_esm.py): FFD packs of
+                --packed-budget (16384) tokens, aten flash varlen attention, per-sequence rotary; fp16
+                (VirNucPro v2.0 / virnucpro-broad / FAESM approach). Proven equal to HF by
+                tools/bench/tests/test_peers.py.
+Every tool gets identical weights (the exporter's seeded RandomWeights) and the same sequences; each
+row reports tokens/s (real tokens), seq/s, GPU busy % (NVML), peak GPU memory, padding share, % of the
+arithmetic limit (24*H^2*layers FLOPs/token over an fp16 matmul ceiling measured in the same run) and the
+cosine (min/mean per sequence) of its mean embeddings against the reference run: virnuc-trt fp32, else
+virnuc-trt fp16, else hf-eager fp32 (also found in --work from an earlier piece of the same session).
+
+Workloads (`--workloads`, each --max-tokens tokens, default 200000 on GPU, 20000 on CPU):
+  chunk500  500 bp chunks of klebsiella_HS11286.fna.gz + lambda_virus.fa, six frames, stop-free frames
+            (`virnuc-trt translate`), a seeded sample; needs the binary or a staged pool.
+  broad     synthetic proteins, log-normal lengths 50-1024 tokens, seeded.
+
+On the GPU machine (it has no ../shared; stage what it needs into the ignored .device-stage/bench):
+  here:   cargo build --release -p virnuc-trt && python3 tools/bench/run.py prepare
+          (copies the stripped binary, the genomes and the translated chunk500 pool into
+          .device-stage/bench) and stage ONNX Runtime GPU with ../shared/device/stage-ort-gpu
+  device: carry [".device-stage/bench"], after the 5 ORT staging runs:
+          source /opt/onnxruntime-gpu/env.sh; python3 tools/bench/run.py bench --models esm2_t33_650M
+          --precisions fp16 --workloads chunk500,broad
+          (one model/precision per 8-minute call; 3B export takes minutes: it is cached in --work while
+          the machine stays warm). Results: $OUT/<tag>.md and .json; merge pieces with
+          `python3 tools/bench/run.py table A.json B.json --out DIR`.
+CPU mode (`--cpu`, default models esm2_t6_8M,esm2_t12_35M, peers virnuc-trt,hf-eager,hf-sdpa,
+ep cpu, attention virnuc):  source tools/setup.sh && python tools/bench/run.py bench --cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = Path(__file__).resolve().parent
+for _p in (BENCH, REPO / "export"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+os.environ.setdefault("VIRNUC_ROOT", str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import report  # noqa: E402
+import workloads as wl  # noqa: E402
+
+DEFAULT_STAGE = REPO / ".device-stage" / "bench"
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+PEER_ORDER = ("virnuc-trt", "hf-eager", "hf-sdpa", "torch-packed")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    tool: str
+    precision: str
+    attention: str = ""  # virnuc-trt export flavor
+
+
+def parse_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/bench/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("bench", help="run the benchmark (GPU if present, or --cpu)")
+    b.add_argument("--cpu", action="store_true", help="CPU mode (default when no CUDA device)")
+    b.add_argument(
+        "--models", help="comma list (GPU: esm2_t33_650M,esm2_t36_3B; CPU: esm2_t6_8M,esm2_t12_35M)"
+    )
+    b.add_argument("--precisions", help="comma list of fp16,fp32 (GPU: both; CPU: fp32)")
+    b.add_argument(
+        "--peers",
+        help="comma list of virnuc-trt,hf-eager,hf-sdpa,torch-packed, each optionally NAME:PREC "
+        "(GPU default: all four; CPU: virnuc-trt,hf-eager,hf-sdpa)",
+    )
+    b.add_argument("--workloads", default="chunk500,broad", help="comma list of chunk500,broad")
+    b.add_argument("--max-tokens", type=int, help="tokens per workload (GPU 200000, CPU 20000)")
+    b.add_argument("--seed", type=int, default=1, help="weights and workload seed (default 1)")
+    b.add_argument(
+        "--virnuc-trt", type=Path, help="binary (default: STAGE/bin/virnuc-trt, else target/release)"
+    )
+    b.add_argument("--virnuc-budgets", help="comma list of --toks-per-batch values (GPU 16384, CPU 4096)")
+    b.add_argument(
+        "--virnuc-attention", help="export flavors, comma list of ort,virnuc,masked (GPU ort, CPU virnuc)"
+    )
+    b.add_argument("--virnuc-args", default="", help="extra arguments for `virnuc-trt embed` (one string)")
+    b.add_argument("--hf-eager-budget", type=int, default=4096)
+    b.add_argument("--hf-sdpa-budget", type=int, default=16384)
+    b.add_argument("--packed-budget", type=int, default=16384)
+    b.add_argument("--stage", type=Path, default=DEFAULT_STAGE, help="staged binary/data/pool (prepare)")
+    b.add_argument(
+        "--data", type=Path, help="folder with the genomes (default ../shared/data, else STAGE/data)"
+    )
+    b.add_argument("--work", type=Path, default=Path("/tmp/virnuc-bench"), help="exports, workloads, outputs")
+    b.add_argument("--results", type=Path, help="results folder (default $OUT, else out/bench)")
+    b.add_argument("--tag", help="results file name stem (default bench-<mode>-<UTC time>)")
+    b.add_argument("--reexport", action="store_true", help="export again even when cached in --work")
+
+    s = sub.add_parser(
+        "prepare", help="stage binary, genomes and the translated chunk500 pool for the device"
+    )
+    s.add_argument("--virnuc-trt", type=Path, default=REPO / "target" / "release" / "virnuc-trt")
+    s.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    s.add_argument("--stage", type=Path, default=DEFAULT_STAGE)
+
+    t = sub.add_parser("table", help="merge result JSON files (pieces of one session) into one table")
+    t.add_argument("files", nargs="+", type=Path)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--tag", default="bench-merged")
+    return p
+
+
+def expand_runs(args: argparse.Namespace, cuda: bool) -> list[RunSpec]:
+    precisions = parse_list(args.precisions or ("fp16,fp32" if cuda else "fp32"))
+    peers = parse_list(
+        args.peers or ("virnuc-trt,hf-eager,hf-sdpa,torch-packed" if cuda else "virnuc-trt,hf-eager,hf-sdpa")
+    )
+    flavors = parse_list(args.virnuc_attention or ("ort" if cuda else "virnuc"))
+    natural = {
+        "hf-eager": "fp32",
+        "hf-sdpa": "fp16" if cuda else "fp32",
+        "torch-packed": "fp16" if cuda else "fp32",
+    }
+    runs: list[RunSpec] = []
+    for item in peers:
+        name, _, pinned = item.partition(":")
+        if name not in PEER_ORDER:
+            raise SystemExit(f"unknown peer {name!r} (known: {', '.join(PEER_ORDER)})")
+        if name == "virnuc-trt":
+            for prec in [pinned] if pinned else precisions:
+                runs += [RunSpec(name, prec, flavor) for flavor in flavors]
+        else:
+            prec = pinned or natural[name]
+            if pinned or prec in precisions:
+                runs.append(RunSpec(name, prec))
+    return sorted(runs, key=lambda r: (PEER_ORDER.index(r.tool), r.precision != "fp32"))
+
+
+def software(cuda: bool, binary: Path | None) -> str:
+    import torch
+    import transformers
+
+    parts = [
+        f"Python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+    ]
+    if cuda:
+        parts.append(f"CUDA {torch.version.cuda}")
+    if binary is not None and binary.exists():
+        v = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        if v:
+            parts.append(v)
+    return ", ".join(parts)
+
+
+def make_workloads(args: argparse.Namespace, binary: Path, tokens: int) -> dict[str, wl.Workload]:
+    out: dict[str, wl.Workload] = {}
+    for name in parse_list(args.workloads):
+        path = args.work / "workloads" / f"{name}-{tokens}-s{args.seed}.fa"
+        if name == "broad":
+            out[name] = wl.broad(path, tokens, args.seed)
+        elif name == "chunk500":
+            pool = args.stage / "workloads" / wl.POOL_NAME
+            if not pool.exists():
+                pool = args.work / "workloads" / wl.POOL_NAME
+                data = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else args.stage / "data")
+                seconds = wl.translate_pool(binary, [data / g for g in wl.GENOMES], pool)
+                print(f"translated the genomes in {seconds:.1f} s → {pool}", file=sys.stderr)
+            out[name] = wl.chunk500(pool, path, tokens, args.seed)
+        else:
+            raise SystemExit(f"unknown workload {name!r} (known: {', '.join(wl.WORKLOADS)})")
+    return out
+
+
+def pick_ref(doc: dict[str, Any], work: Path, model: str, workload: str) -> tuple[str, Path] | None:
+    """The cosine reference for (model, workload): this run's rows first, then outputs of earlier pieces."""
+    rows = [r for r in doc["rows"] if (r["model"], r["workload"]) == (model, workload) and not r.get("error")]
+    for tool, prec in (("virnuc-trt", "fp32"), ("virnuc-trt", "fp16"), ("hf-eager", "fp32")):
+        for r in rows:
+            if (r["tool"], r["precision"]) == (tool, prec):
+                return f"{tool} {prec} (budget {r['budget']})", Path(r["output"])
+        found = sorted((work / "out" / model / workload).glob(f"{tool}-{prec}-*.h5"))
+        if found:
+            return f"{tool} {prec} ({found[0].stem}, earlier piece)", found[0]
+    return None
+
+
+def update_cosines(doc: dict[str, Any], work: Path) -> None:
+    for model, workload in {(r["model"], r["workload"]) for r in doc["rows"]}:
+        ref = pick_ref(doc, work, model, workload)
+        for r in doc["rows"]:
+            if (r["model"], r["workload"]) != (model, workload) or r.get("error") or ref is None:
+                continue
+            r["cos_ref"] = ref[0]
+            r["is_ref"] = Path(r["output"]) == ref[1]
+            if not r["is_ref"]:
+                r["cos_min"], r["cos_mean"], r["cos_n"] = report.cosines(ref[1], Path(r["output"]))
+    for model, workload, tool, prec in {
+        (r["model"], r["workload"], r["tool"], r["precision"]) for r in doc["rows"]
+    }:
+        group = [
+            r
+            for r in doc["rows"]
+            if (r["model"], r["workload"], r["tool"], r["precision"]) == (model, workload, tool, prec)
+            and not r.get("error")
+        ]
+        best = max(group, key=lambda r: r["tok_s"], default=None)
+        for r in group:
+            r["best_budget"] = len(group) > 1 and r is best
+
+
+def row_from(
+    spec: RunSpec, model: str, workload: wl.Workload, budget: int, stats: Any, limit: float, out_h5: Path
+) -> dict[str, Any]:
+    tokens = workload.tokens  # the same sequences for every tool: count them once
+    processed = stats.processed_tokens if stats.processed_tokens >= tokens else tokens
+    return {
+        "model": model,
+        "workload": workload.name,
+        "tool": spec.tool,
+        "precision": spec.precision,
+        "budget": budget,
+        "attention": stats.attention,
+        "sequences": stats.sequences,
+        "tokens": tokens,
+        "processed_tokens": processed,
+        "batches": stats.batches,
+        "seconds": stats.seconds,
+        "load_seconds": stats.load_seconds,
+        "tok_s": tokens / stats.seconds,
+        "seq_s": stats.sequences / stats.seconds,
+        "limit_pct": 100.0 * tokens / stats.seconds / limit if limit else None,
+        "padding_pct": 100.0 * (processed - tokens) / processed,
+        "output": str(out_h5),
+        **{k: v for k, v in stats.extra.items() if k != "command"},
+    }
+
+
+def bench(args: argparse.Namespace) -> int:
+    import torch
+    from gpu import GpuMonitor, device_info, matmul_ceiling_tflops
+    from packed_esm import esm_flops_per_token
+    from peers import TorchPeer, canonical_weights_torch
+    from virnuc import export_model, run_embed
+
+    from virnuc_export.config import load_model_config
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if cuda else "cpu")
+    mode = "cuda" if cuda else "cpu"
+    models = parse_list(args.models or ("esm2_t33_650M,esm2_t36_3B" if cuda else "esm2_t6_8M,esm2_t12_35M"))
+    runs = expand_runs(args, cuda)
+    tokens = args.max_tokens or (200_000 if cuda else 20_000)
+    budgets = [int(x) for x in parse_list(args.virnuc_budgets or ("16384" if cuda else "4096"))]
+    staged = args.stage / "bin" / "virnuc-trt"
+    binary = args.virnuc_trt or (staged if staged.exists() else REPO / "target" / "release" / "virnuc-trt")
+    if any(r.tool == "virnuc-trt" for r in runs) and not binary.exists():
+        raise SystemExit(
+            f"{binary}: no virnuc-trt binary (build it, pass --virnuc-trt, or leave it out of --peers)"
+        )
+    now = dt.datetime.now(dt.UTC)
+    tag = args.tag or f"bench-{mode}-{now:%Y%m%d-%H%M%S}"
+    results = args.results or Path(os.environ.get("OUT") or REPO / "out" / "bench")
+    monitor = GpuMonitor() if cuda else None
+
+    print(
+        f"[bench] {mode}: models {models}, runs {[f'{r.tool}:{r.precision}' for r in runs]}", file=sys.stderr
+    )
+    loads = make_workloads(args, binary, tokens)
+    ceiling = matmul_ceiling_tflops(cuda)
+    doc: dict[str, Any] = {
+        "context": {
+            "mode": mode,
+            "device": device_info(cuda),
+            "date": f"{now:%Y-%m-%d %H:%M} UTC",
+            "command": "python3 tools/bench/run.py " + " ".join(sys.argv[1:]),
+            "software": software(cuda, binary),
+            "seed": args.seed,
+            "ceiling_tflops": ceiling,
+            "limits": {},
+            "workloads": {k: vars(w) | {"path": str(w.path)} for k, w in loads.items()},
+        },
+        "rows": [],
+    }
+
+    def save() -> None:
+        update_cosines(doc, args.work)
+        _, md = report.write(doc, results, tag)
+        print(f"[bench] wrote {md}", file=sys.stderr)
+
+    def failed(spec: RunSpec, model: str, workload: str, budget: int, exc: BaseException) -> None:
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        doc["rows"].append(
+            {
+                "model": model,
+                "workload": workload,
+                "tool": spec.tool,
+                "precision": spec.precision,
+                "budget": budget,
+                "error": error,
+            }
+        )
+        save()
+
+    for model in models:
+        config = load_model_config(model)
+        limit = ceiling * 1e12 / esm_flops_per_token(config)
+        doc["context"]["limits"][model] = limit
+        weights: dict[str, torch.Tensor] | None = None
+        for spec in runs:
+            if spec.tool == "virnuc-trt":
+                model_dir = args.work / "models" / f"{model}-s{args.seed}-{spec.attention}-{spec.precision}"
+                try:
+                    export_s = export_model(
+                        REPO, model, args.seed, spec.attention, spec.precision, model_dir, args.reexport
+                    )
+                    print(
+                        f"[bench] {model} {spec.attention} {spec.precision}: export {export_s:.0f} s",
+                        file=sys.stderr,
+                    )
+                except Exception as exc:
+                    failed(spec, model, "-", 0, exc)
+                    continue
+                for workload in loads.values():
+                    for budget in budgets:
+                        out_h5 = (
+                            args.work
+                            / "out"
+                            / model
+                            / workload.name
+                            / (f"virnuc-trt-{spec.precision}-{spec.attention}-{budget}.h5")
+                        )
+                        try:
+                            baseline = monitor.used_bytes() if monitor else None
+                            if monitor:
+                                monitor.start()
+                            stats, _, _, _, t0 = run_embed(
+                                binary, model_dir, workload.path, out_h5, budget, "cuda" if cuda else "cpu",
+                                shlex.split(args.virnuc_args),
+                            )  # fmt: skip
+                            t_end = time.perf_counter()
+                            if monitor:
+                                monitor.stop()
+                            row = row_from(spec, model, workload, budget, stats, limit, out_h5)
+                            row["export_seconds"] = export_s
+                            if monitor:
+                                row["gpu_busy_pct"] = monitor.busy_pct(t0 + stats.load_seconds, t_end)
+                                peak = monitor.peak_used()
+                                if peak is not None and baseline is not None:
+                                    row["peak_gpu_gib"] = (peak - baseline) / 2**30
+                            doc["rows"].append(row)
+                            save()
+                        except Exception as exc:
+                            if monitor:
+                                monitor.stop()
+                            failed(spec, model, workload.name, budget, exc)
+                continue
+            if weights is None:
+                _, weights, weights_s = canonical_weights_torch(model, args.seed)
+                print(f"[bench] {model}: random weights in {weights_s:.0f} s", file=sys.stderr)
+            budget = {"hf-eager": args.hf_eager_budget, "hf-sdpa": args.hf_sdpa_budget}.get(
+                spec.tool, args.packed_budget
+            )
+            peer = None
+            try:
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                baseline = monitor.used_bytes() if monitor else None
+                peer = TorchPeer(spec.tool, config, weights, device, spec.precision, budget)
+                peer.warmup()
+            except Exception as exc:
+                failed(spec, model, "-", budget, exc)
+                if peer is not None:
+                    peer.close()
+                continue
+            for workload in loads.values():
+                out_h5 = (
+                    args.work / "out" / model / workload.name / f"{spec.tool}-{spec.precision}-{budget}.h5"
+                )
+                try:
+                    if monitor:
+                        monitor.start()
+                    stats, _, _ = peer.run(workload.path, out_h5)
+                    if monitor:
+                        monitor.stop()
+                    row = row_from(spec, model, workload, budget, stats, limit, out_h5)
+                    if monitor:
+                        row["gpu_busy_pct"] = monitor.busy_pct()
+                        peak = monitor.peak_used()
+                        if peak is not None and baseline is not None:
+                            row["peak_gpu_gib"] = (peak - baseline) / 2**30
+                        row["torch_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    doc["rows"].append(row)
+                    save()
+                except Exception as exc:
+                    if monitor:
+                        monitor.stop()
+                    failed(spec, model, workload.name, budget, exc)
+            peer.close()
+            del peer
+        weights = None
+    save()
+    print((results / f"{tag}.md").read_text())
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    stage: Path = args.stage
+    (stage / "bin").mkdir(parents=True, exist_ok=True)
+    (stage / "data").mkdir(parents=True, exist_ok=True)
+    if not args.virnuc_trt.exists():
+        raise SystemExit(f"{args.virnuc_trt}: build it first: cargo build --release -p virnuc-trt")
+    target = stage / "bin" / "virnuc-trt"
+    shutil.copy2(args.virnuc_trt, target)
+    if shutil.which("strip"):
+        # The release profile keeps line tables (debug = 1); the device needs none and the carry is capped.
+        subprocess.run(["strip", "--strip-debug", str(target)], check=False)
+    for g in wl.GENOMES:
+        shutil.copy2(args.data / g, stage / "data" / g)
+    pool = stage / "workloads" / wl.POOL_NAME
+    seconds = wl.translate_pool(target, [stage / "data" / g for g in wl.GENOMES], pool)
+    records = wl.read_fasta(pool)
+    size = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
+    print(
+        f"staged {stage} ({size / 2**20:.1f} MiB): binary, genomes, chunk500 pool of {len(records)} proteins "
+        f'(translated in {seconds:.1f} s).\nOn the device, carry ["{_rel(stage)}"].'
+    )
+    return 0
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def table(args: argparse.Namespace) -> int:
+    doc = report.merge(args.files)
+    _, md = report.write(doc, args.out, args.tag)
+    print(md.read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "bench":
+        return bench(args)
+    if args.cmd == "prepare":
+        return prepare(args)
+    return table(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

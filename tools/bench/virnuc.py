@@ -1,0 +1,159 @@
+"""virnuc-trt in the race: export the random-weight model (timed apart, cached), then `virnuc-trt embed`
+as a user runs it, FASTA in → HDF5 out, with its JSON run report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from peers import RunStats, read_embeddings_h5
+
+# Keys of the run report that may hold the model-load / session-creation time, in seconds (first found).
+_LOAD_KEYS = (
+    "model_load_seconds",
+    "load_seconds",
+    "session_seconds",
+    "model_load_s",
+    "load_s",
+    "setup_seconds",
+)
+_PADDING_KEYS = ("padding_tokens", "padded_tokens", "pad_tokens")
+_TOKENS_KEYS = ("tokens", "tokens_packed", "total_tokens", "real_tokens")
+_IDLE_KEYS = ("gpu_idle_pct", "gpu_idle_percent", "device_idle_pct")
+
+
+def export_model(
+    repo: Path, name: str, seed: int, attention: str, precision: str, out_dir: Path, force: bool = False
+) -> float:
+    """`python -m virnuc_export --random NAME --seed N ...` into out_dir; seconds taken (0.0 when cached)."""
+    if (out_dir / "model.json").exists() and (out_dir / "model.onnx").exists() and not force:
+        return 0.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "virnuc_export",
+        "--random",
+        name,
+        "--seed",
+        str(seed),
+        "--attention",
+        attention,
+        "--precision",
+        precision,
+        "--out",
+        str(out_dir),
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(repo / "export"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("VIRNUC_ROOT", str(repo))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"export failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def _walk(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{prefix}{k}.")
+            yield k, v
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v, prefix)
+
+
+def report_number(report: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    """The first numeric value under any of `keys`, anywhere in the (nested) report."""
+    found = {k: v for k, v in _walk(report) if isinstance(v, int | float) and not isinstance(v, bool)}
+    for key in keys:
+        if key in found:
+            return float(found[key])
+    return None
+
+
+def run_embed(
+    binary: Path,
+    model_dir: Path,
+    fasta: Path,
+    out_h5: Path,
+    budget: int,
+    ep: str,
+    extra_args: list[str],
+    on_start: Any = None,
+) -> tuple[RunStats, list[str], Any, dict[str, Any], float]:
+    """One `virnuc-trt embed` run (protein mode: the workload is already translated).
+
+    Returns (stats, ids, embeddings, report, t_start). `stats.seconds` is the wall time minus the model
+    load the run report names (when it names one; otherwise `stats.extra["load_in_seconds"]` is True).
+    """
+    if not binary.exists():
+        raise FileNotFoundError(f"{binary}: no virnuc-trt binary (cargo build --release -p virnuc-trt)")
+    out_h5.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (out_h5, out_h5.with_suffix(".report.json")):
+        stale.unlink(missing_ok=True)
+    report_path = out_h5.with_suffix(".report.json")
+    cmd = [
+        str(binary),
+        "embed",
+        str(fasta),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out_h5),
+        "--mode",
+        "protein",
+        "--toks-per-batch",
+        str(budget),
+        "--ep",
+        ep,
+        "--report",
+        str(report_path),
+        *extra_args,
+    ]
+    if on_start is not None:
+        on_start()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report: dict[str, Any] = {}
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+    ids, emb = read_embeddings_h5(out_h5)
+    load = report_number(report, _LOAD_KEYS)
+    tokens = report_number(report, _TOKENS_KEYS)
+    padding = report_number(report, _PADDING_KEYS) or 0.0
+    real_tokens = int(tokens) if tokens is not None else -1
+    stats = RunStats(
+        sequences=len(ids),
+        tokens=real_tokens,
+        processed_tokens=int(real_tokens + padding) if real_tokens >= 0 else -1,
+        batches=int(report_number(report, ("packs", "batches")) or 0),
+        seconds=wall - (load or 0.0),
+        load_seconds=load or 0.0,
+        attention=str(_model_attention(model_dir)),
+        extra={
+            "load_in_seconds": load is None,
+            "wall_seconds": wall,
+            "gpu_idle_pct_reported": report_number(report, _IDLE_KEYS),
+            "command": " ".join(cmd),
+        },
+    )
+    return stats, ids, emb, report, t0
+
+
+def _model_attention(model_dir: Path) -> str:
+    try:
+        meta = json.loads((model_dir / "model.json").read_text())
+        return f"{meta.get('attention', '?')}{'+fused' if meta.get('fused') else ''}"
+    except (OSError, ValueError):
+        return "?"
