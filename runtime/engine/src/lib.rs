@@ -182,7 +182,7 @@ pub struct EngineInfo {
 }
 
 /// An inference engine: packed batch in, pooled (and optionally per-token) embeddings out.
-pub trait Engine: Send {
+pub trait Engine: Send + std::fmt::Debug {
     fn embed(&mut self, batch: &PackedBatch) -> Result<Embeddings>;
     fn info(&self) -> &EngineInfo;
     /// Runs a pack of `tokens` tokens once so that allocations and kernel choices happen before the
