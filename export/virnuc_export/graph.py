@@ -171,7 +171,9 @@ class EsmGraph:
         starts = b.op("Slice", [cu, b.i64(0), b.i64(-1)], name="seq_starts")
         ends = b.op("Slice", [cu, b.i64(1), b.i64(2**62)], name="seq_ends")
         lens = b.op("Sub", [ends, starts], name="seq_lens")
-        t_scalar = b.op("Squeeze", [b.op("Shape", ["input_ids"], name="t_shape"), b.i64(0)], name="t_scalar")
+        t_scalar = b.op(
+            "Squeeze", [b.op("Shape", ["position_ids"], name="t_shape"), b.i64(0)], name="t_scalar"
+        )
         tok = b.op("Range", [b.const(0, np.int64), t_scalar, b.const(1, np.int64)], name="tok_index")
         tok_row = b.op("Unsqueeze", [tok, b.i64(0)], name="tok_row")  # [1, T]
         starts_col = b.op("Unsqueeze", [starts, b.i64(1)], name="starts_col")  # [B, 1]
@@ -557,3 +559,41 @@ def masked_attention(
         probs = b.op("Cast", [probs], to=TensorProto.FLOAT16)
     ctx = b.op("Transpose", [b.op("MatMul", [probs, vh])], perm=[1, 0, 2])  # [T, nh, D]
     return b.op("Reshape", [ctx, b.i64(-1, nh * d)], name="attn_out")
+
+
+class _ConfigOnly(WeightSource):
+    kind = "none"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+
+def build_attention_model(
+    attention: str, num_heads: int, head_dim: int, precision: str = "fp32", rotary_base: float = 10000.0
+) -> onnx.ModelProto:
+    """One attention node of a flavor as a model: inputs `qkv` [T, 3·H·D] (biases added, q not scaled),
+    `cu_seqlens` int32 [B+1], `position_ids` int64 [T]; output `out` [T, H·D] — exactly what the full
+    graph computes per layer. For testing op implementations against each other at the attention level
+    (VarlenAttention vs the standard-ops form vs the float64 oracle)."""
+    hidden = num_heads * head_dim
+    config = {
+        "name": "attention_only", "num_layers": 0, "hidden_size": hidden, "num_heads": num_heads,
+        "layer_norm_eps": 1e-5, "rotary_base": rotary_base, "max_positions": 1026, "token_dropout_scale": 1.0,
+    }  # fmt: skip
+    store = InitializerStore(None)
+    g = EsmGraph(_ConfigOnly(config), GraphOptions(attention=attention, precision=precision), store)
+    out = g.attention("qkv", 0)
+    g.b.nodes.append(helper.make_node("Identity", [out], ["out"], name="out_identity"))
+    inputs = [
+        helper.make_tensor_value_info("qkv", g.act_onnx, ["total_tokens", 3 * hidden]),
+        helper.make_tensor_value_info("cu_seqlens", TensorProto.INT32, ["batch_plus_1"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["total_tokens"]),
+    ]
+    outputs = [helper.make_tensor_value_info("out", g.act_onnx, ["total_tokens", hidden])]
+    graph = helper.make_graph(g.b.nodes, f"{attention}_attention", inputs, outputs, store.tensors)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    if attention == "virnuc":
+        opsets.append(helper.make_opsetid(VIRNUC_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="virnuc-export")
+    model.ir_version = 8
+    return model
