@@ -33,11 +33,40 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
 def flash_varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
 ) -> torch.Tensor:
-    """Non-causal attention over packed [T, heads, head_dim] q/k/v; sequences delimited by cu_seqlens."""
-    out = torch.ops.aten._flash_attention_forward(
+    """Non-causal attention over packed [T, heads, head_dim] q/k/v; sequences delimited by cu_seqlens.
+
+    `aten._flash_attention_forward` (torch >= 2.2, the kernel behind SDPA's flash backend, varlen entry);
+    where its signature differs, torch's public `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10).
+    """
+    global _FLASH_IMPL
+    if _FLASH_IMPL is None:
+        try:
+            out = _aten_flash(q, k, v, cu_seqlens, max_seqlen, scale)
+            _FLASH_IMPL = "aten._flash_attention_forward"
+            return out
+        except (TypeError, RuntimeError):
+            _FLASH_IMPL = "torch.nn.attention.varlen.varlen_attn"
+    if _FLASH_IMPL == "aten._flash_attention_forward":
+        return _aten_flash(q, k, v, cu_seqlens, max_seqlen, scale)
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+
+
+_FLASH_IMPL: str | None = None
+
+
+def _aten_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
+    return torch.ops.aten._flash_attention_forward(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False, scale=scale
     )[0]
-    return out
+
+
+def flash_impl() -> str | None:
+    """Which flash entry point the first call settled on (None before the first call)."""
+    return _FLASH_IMPL
 
 
 def math_varlen_attention(

@@ -1,0 +1,105 @@
+"""The harness's own arithmetic: workloads, run selection, cosines matched by id, the table."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import report
+import run
+import workloads
+from peers import read_fasta, write_embeddings_h5
+
+
+def test_broad_workload_is_seeded_and_within_bounds(tmp_path: Path):
+    a = workloads.broad(tmp_path / "a.fa", 20_000, seed=4)
+    b = workloads.broad(tmp_path / "b.fa", 20_000, seed=4)
+    c = workloads.broad(tmp_path / "c.fa", 20_000, seed=5)
+    ra, rb, rc = read_fasta(a.path), read_fasta(b.path), read_fasta(c.path)
+    assert ra == rb and ra != rc
+    lengths = [len(s) + 2 for _, s in ra]
+    assert a.tokens == sum(lengths) >= 20_000
+    assert sum(lengths) - lengths[-1] < 20_000  # stops at the first sequence that reaches the target
+    assert min(lengths) >= 50 and max(lengths) <= 1024
+    assert len(set(lengths)) > len(lengths) // 3  # a spread of lengths, not one value
+
+
+def test_chunk500_sample_reaches_target_in_pool_order(tmp_path: Path):
+    pool = tmp_path / "pool.fa"
+    recs = [(f"c{i}_chunk_1F{1 + i % 3}", "M" * (20 + i % 150)) for i in range(400)]
+    workloads.write_fasta(pool, recs)
+    w = workloads.chunk500(pool, tmp_path / "w.fa", 5_000, seed=1)
+    got = read_fasta(w.path)
+    assert w.tokens >= 5_000 and w.tokens == sum(len(s) + 2 for _, s in got)
+    index = [recs.index(r) for r in got]
+    assert index == sorted(index) and len(index) < len(recs)
+
+
+def test_chunk500_without_binary_fails_clearly(tmp_path: Path):
+    with pytest.raises(workloads.WorkloadError, match="cargo build --release -p virnuc-trt"):
+        workloads.translate_pool(tmp_path / "no-such-binary", [], tmp_path / "pool.fa")
+
+
+def test_cosines_match_by_id_and_detect_a_difference(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((6, 8)).astype(np.float32)
+    ids = [f"s{i}" for i in range(6)]
+    lengths = np.full(6, 10)
+    write_embeddings_h5(tmp_path / "ref.h5", ids, emb, lengths)
+    order = [3, 1, 5, 0, 2, 4]
+    write_embeddings_h5(tmp_path / "same.h5", [ids[i] for i in order], emb[order], lengths)
+    lo, mean, n = report.cosines(tmp_path / "ref.h5", tmp_path / "same.h5")
+    assert n == 6 and lo == pytest.approx(1.0, abs=1e-12) and mean == pytest.approx(1.0, abs=1e-12)
+    bad = emb.copy()
+    bad[2] = rng.standard_normal(8)
+    write_embeddings_h5(tmp_path / "bad.h5", ids, bad, lengths)
+    lo, mean, _ = report.cosines(tmp_path / "ref.h5", tmp_path / "bad.h5")
+    assert lo < 0.9 and mean < 1.0
+
+
+def _args(**kw: str | None) -> argparse.Namespace:
+    base = {"precisions": None, "peers": None, "virnuc_attention": None}
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_run_selection_by_precision_and_pins():
+    gpu = run.expand_runs(_args(), cuda=True)
+    assert [(r.tool, r.precision) for r in gpu] == [
+        ("virnuc-trt", "fp32"),
+        ("virnuc-trt", "fp16"),
+        ("hf-eager", "fp32"),
+        ("hf-sdpa", "fp16"),
+        ("torch-packed", "fp16"),
+    ]
+    fp16 = run.expand_runs(_args(precisions="fp16"), cuda=True)
+    assert {(r.tool, r.precision) for r in fp16} == {
+        ("virnuc-trt", "fp16"),
+        ("hf-sdpa", "fp16"),
+        ("torch-packed", "fp16"),
+    }
+    pinned = run.expand_runs(_args(peers="hf-sdpa:fp32,virnuc-trt", precisions="fp16"), cuda=True)
+    assert {(r.tool, r.precision) for r in pinned} == {("hf-sdpa", "fp32"), ("virnuc-trt", "fp16")}
+    cpu = run.expand_runs(_args(), cuda=False)
+    assert {(r.tool, r.precision, r.attention) for r in cpu} == {
+        ("virnuc-trt", "fp32", "virnuc"),
+        ("hf-eager", "fp32", ""),
+        ("hf-sdpa", "fp32", ""),
+    }
+    with pytest.raises(SystemExit):
+        run.expand_runs(_args(peers="fair-esm"), cuda=True)
+
+
+def test_table_rows_and_ratios():
+    rows = [
+        {"model": "m", "workload": "w", "tool": "virnuc-trt", "precision": "fp16", "tok_s": 300.0},
+        {"model": "m", "workload": "w", "tool": "torch-packed", "precision": "fp16", "tok_s": 200.0},
+        {"model": "m", "workload": "w", "tool": "virnuc-trt", "precision": "fp32", "tok_s": 90.0},
+        {"model": "m", "workload": "w", "tool": "hf-eager", "precision": "fp32", "tok_s": 30.0},
+    ]
+    assert report.ratios(rows) == [
+        "m w virnuc-trt fp16 / torch-packed = 1.50x",
+        "m w virnuc-trt fp32 / hf-eager = 3.00x",
+    ]
