@@ -161,7 +161,7 @@ def device_info(use_cuda: bool) -> dict[str, str]:
     return {"name": f"{model}, {cores} cores", "driver": "-", "memory": "-"}
 
 
-def matmul_ceiling_tflops(use_cuda: bool, size: int = 8192, iters: int = 20) -> float:
+def matmul_ceiling_tflops(use_cuda: bool, size: int = 8192, iters: int = 100) -> float:
     """Measured dense matrix-product rate: fp16 on the GPU (the figure the arithmetic limit divides by),
     fp32 on the CPU (smaller, since a CPU is far slower)."""
     import torch
@@ -169,7 +169,7 @@ def matmul_ceiling_tflops(use_cuda: bool, size: int = 8192, iters: int = 20) -> 
     if use_cuda:
         a = torch.randn(size, size, device="cuda", dtype=torch.float16)
         b = torch.randn(size, size, device="cuda", dtype=torch.float16)
-        for _ in range(3):
+        for _ in range(10):  # let the clocks settle before timing
             torch.matmul(a, b)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

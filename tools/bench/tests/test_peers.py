@@ -155,3 +155,26 @@ def test_padded_batches_follow_fair_esm_budget_rule():
 def test_alphabet_is_the_one_the_peers_use():
     # The peers pad with <pad> = 1 and pool without <cls> = 0 / <eos> = 2.
     assert ALPHABET[:3] == ["<cls>", "<pad>", "<eos>"]
+
+
+@pytest.mark.parametrize("export_seed,equal", [(7, True), (8, False)])
+def test_exported_graph_holds_the_peers_weights(tmp_path: Path, model, sequences, export_seed, equal):
+    """virnuc-trt's graph (exporter, `masked` flavor, run by ONNX Runtime) and the peers use identical
+    weights for the same seed — and a different seed is seen (the check can fail)."""
+    import onnxruntime as ort
+    import run
+    from virnuc import export_model
+
+    config, weights = model
+    export_model(run.REPO, MODEL, export_seed, "masked", "fp32", tmp_path)
+    inputs = PackedInputs.from_token_lists([tokenize(s) for s in sequences])
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {
+        "input_ids": inputs.input_ids.numpy(),
+        "position_ids": inputs.position_ids.numpy(),
+        "cu_seqlens": inputs.cu_seqlens.numpy(),
+    }
+    onnx_mean = session.run(["mean"], feeds)[0]
+    peer_mean = PackedEsm(config, weights, "cpu", torch.float32).mean_embeddings(inputs)
+    cos = _cosines(onnx_mean, peer_mean)
+    assert (cos.min() >= 0.99999) == equal, cos
