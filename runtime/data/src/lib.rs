@@ -40,7 +40,8 @@ pub mod translate;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use pipeline::{Pipeline, ProteinRecord, Proteins, proteins, start};
+pub use loader::Input;
+pub use pipeline::{Pipeline, ProteinRecord, Proteins, proteins, proteins_from, start};
 pub use report::RunReport;
 pub use tokenize::LongPolicy;
 

@@ -38,9 +38,34 @@ pub struct RecordRef<'a> {
     pub seq: &'a [u8],
 }
 
+/// One input: a path (`-` = stdin) or an in-memory/streamed reader with a display name.
+pub enum Input {
+    Path(PathBuf),
+    Reader(String, Box<dyn std::io::Read + Send>),
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Path(p) => write!(f, "Path({})", p.display()),
+            Input::Reader(name, _) => write!(f, "Reader({name})"),
+        }
+    }
+}
+
+impl Input {
+    fn name(&self) -> String {
+        match self {
+            Input::Path(p) => display_path(p),
+            Input::Reader(name, _) => name.clone(),
+        }
+    }
+}
+
 /// All inputs as one stream of records.
 pub struct Source {
-    inputs: Vec<PathBuf>,
+    inputs: Vec<Option<Input>>,
+    names: Vec<String>,
     next_file: usize,
     current: Option<Box<dyn FastxReader>>,
     record: u64,
@@ -52,7 +77,7 @@ pub struct Source {
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Source")
-            .field("inputs", &self.inputs)
+            .field("inputs", &self.names)
             .field("next_file", &self.next_file)
             .field("record", &self.record)
             .finish_non_exhaustive()
@@ -69,8 +94,13 @@ pub(crate) fn display_path(p: &std::path::Path) -> String {
 
 impl Source {
     pub fn new(inputs: Vec<PathBuf>) -> Self {
+        Self::from_inputs(inputs.into_iter().map(Input::Path).collect())
+    }
+
+    pub fn from_inputs(inputs: Vec<Input>) -> Self {
         Self {
-            inputs,
+            names: inputs.iter().map(Input::name).collect(),
+            inputs: inputs.into_iter().map(Some).collect(),
             next_file: 0,
             current: None,
             record: 0,
@@ -81,7 +111,7 @@ impl Source {
     }
 
     fn file_name(&self) -> String {
-        display_path(&self.inputs[self.next_file - 1])
+        self.names[self.next_file - 1].clone()
     }
 
     fn record_error(&self, e: &ParseError) -> DataError {
@@ -89,24 +119,36 @@ impl Source {
             file: self.file_name(),
             record: self.record + 1,
             id: e.position.id.clone(),
-            message: format!("{} (line {})", e.msg, e.position.line),
+            message: {
+                let what = if e.msg.is_empty() {
+                    format!("{:?}", e.kind)
+                } else {
+                    e.msg.clone()
+                };
+                match e.position.line {
+                    0 => what,
+                    line => format!("{what} (line {line})"),
+                }
+            },
         }
     }
 
     /// Opens the next input; `Ok(false)` when none is left.
     fn open_next(&mut self) -> Result<bool, DataError> {
         while self.next_file < self.inputs.len() {
-            let path = self.inputs[self.next_file].clone();
+            let input = self.inputs[self.next_file].take();
+            let name = self.names[self.next_file].clone();
             self.next_file += 1;
             self.record = 0;
             self.stats.files.push(FileReport {
-                path: display_path(&path),
+                path: name.clone(),
                 ..FileReport::default()
             });
-            let opened = if path.as_os_str() == "-" {
-                needletail::parse_fastx_stdin()
-            } else {
-                needletail::parse_fastx_file(&path)
+            let opened = match input {
+                Some(Input::Path(p)) if p.as_os_str() == "-" => needletail::parse_fastx_stdin(),
+                Some(Input::Path(p)) => needletail::parse_fastx_file(&p),
+                Some(Input::Reader(_, r)) => needletail::parse_fastx_reader(r),
+                None => continue,
             };
             match opened {
                 Ok(reader) => {
@@ -120,7 +162,7 @@ impl Source {
                 }
                 Err(e) if e.kind == ParseErrorKind::Io => {
                     return Err(DataError::Open {
-                        file: display_path(&path),
+                        file: name,
                         message: e.msg,
                     });
                 }
@@ -144,6 +186,20 @@ impl Source {
                     self.current = None;
                     if let Some(file) = self.stats.files.last_mut() {
                         file.empty = file.records == 0;
+                    }
+                }
+                Some(Err(e))
+                    if e.kind == ParseErrorKind::UnexpectedEnd
+                        && e.format == Some(needletail::parser::Format::Fasta) =>
+                {
+                    // A FASTA file ending in a header with no sequence line: that last record
+                    // has no sequence, like any other empty record (counted, skipped).
+                    self.current = None;
+                    self.record += 1;
+                    self.stats.records_read += 1;
+                    self.stats.records_empty += 1;
+                    if let Some(file) = self.stats.files.last_mut() {
+                        file.records += 1;
                     }
                 }
                 Some(Err(e)) => {

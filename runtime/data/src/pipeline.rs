@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use virnuc_core::{PackedBatch, SequenceMeta};
 
 use crate::chunk::chunks;
-use crate::loader::{RecordRef, Source, SourceStats};
+use crate::loader::{Input, RecordRef, Source, SourceStats};
 use crate::pack::{PackItem, PackStats, Packer, PackerConfig};
 use crate::report::{RunReport, StageStats};
 use crate::tokenize::{LongPolicy, long_pieces, tokenize};
@@ -547,8 +547,21 @@ pub struct Proteins {
 /// The proteins of `config.inputs` (the packing fields of `config` are ignored).
 pub fn proteins(config: &PipelineConfig) -> Result<Proteins, DataError> {
     config.validate()?;
+    proteins_from(
+        config.inputs.iter().cloned().map(Input::Path).collect(),
+        config,
+    )
+}
+
+/// [`proteins`] over explicit inputs (readers included); `config.inputs` is ignored.
+pub fn proteins_from(inputs: Vec<Input>, config: &PipelineConfig) -> Result<Proteins, DataError> {
+    if config.chunk_len < 3 || config.max_residues == 0 {
+        return Err(DataError::Config(
+            "chunk_len must be at least 3 and max_residues positive".into(),
+        ));
+    }
     Ok(Proteins {
-        source: Source::new(config.inputs.clone()),
+        source: Source::from_inputs(inputs),
         processor: RecordProcessor::new(StageConfig::from(config)),
         queue: Default::default(),
         next_index: 0,

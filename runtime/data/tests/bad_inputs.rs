@@ -1,0 +1,228 @@
+#![allow(clippy::unwrap_used)]
+//! Bad inputs: each either a clear error naming file and record, or a documented skip the report counts.
+
+mod common;
+
+use std::io::Write;
+
+use common::*;
+use virnuc_data::{DataError, PipelineConfig, RunReport};
+
+/// Runs to the end and returns the error (with the report) the run ended with.
+fn run_err(config: PipelineConfig) -> (usize, String, RunReport) {
+    let mut pipeline = virnuc_data::start(config).unwrap();
+    let mut packs = 0;
+    let mut error = None;
+    for item in pipeline.by_ref() {
+        match item {
+            Ok(_) => packs += 1,
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    let error = error.expect("the iterator yields the error");
+    match pipeline.finish() {
+        Err(DataError::RunFailed { first, report }) => {
+            assert_eq!(first, error);
+            (packs, error, *report)
+        }
+        other => panic!("expected RunFailed, got {other:?}"),
+    }
+}
+
+#[test]
+fn empty_file_is_counted_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = write(dir.path(), "empty.fa", b"");
+    let (packs, report) = run(config(vec![empty, fixture("lambda_virus.fa")]));
+    assert!(!packs.is_empty());
+    assert!(report.files[0].empty);
+    assert_eq!(report.files[0].records, 0);
+    assert!(!report.files[1].empty);
+}
+
+#[test]
+fn record_without_sequence_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "e.fa",
+        b">empty\n>next desc\nATGGCCAAA\n>last\n",
+    );
+    let (packs, report) = run(config(vec![f]));
+    assert_eq!(report.records_read, 3);
+    assert_eq!(report.records_empty, 2);
+    assert_eq!(report.stages.records_processed, 1);
+    assert!(
+        sequences(&packs)
+            .iter()
+            .all(|s| s.1.starts_with("next_chunk_1"))
+    );
+}
+
+#[test]
+fn binary_garbage_names_file_and_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "garbage.bin",
+        &[0x00, 0x9f, 0x13, 0x37, 0xff, 0x10],
+    );
+    let (packs, msg, report) = run_err(config(vec![fixture("globins45.fa"), f]));
+    // The first file's packs come through before the error.
+    assert!(packs > 0);
+    assert!(
+        msg.contains("garbage.bin") && msg.contains("record 1"),
+        "{msg}"
+    );
+    assert_eq!(report.files[0].records, 45);
+    assert!(!report.complete);
+}
+
+#[test]
+fn bad_record_in_the_middle_names_its_number_and_id() {
+    let dir = tempfile::tempdir().unwrap();
+    // A FASTQ whose third record has a quality line of the wrong length.
+    let f = write(
+        dir.path(),
+        "bad.fq",
+        b"@a\nACGTACGTAC\n+\nIIIIIIIIII\n@b\nACGTACGTAC\n+\nIIIIIIIIII\n@c\nACGT\n+\nII\n",
+    );
+    let (_, msg, _) = run_err(config(vec![f]));
+    assert!(msg.contains("bad.fq") && msg.contains("record 3"), "{msg}");
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let (_, msg, _) = run_err(config(vec!["/nonexistent/x.fa".into()]));
+    assert!(msg.contains("/nonexistent/x.fa"), "{msg}");
+}
+
+#[test]
+fn crlf_gives_the_same_sequences_as_lf() {
+    let dir = tempfile::tempdir().unwrap();
+    let lf = std::fs::read_to_string(fixture("lambda_virus.fa")).unwrap();
+    let crlf = lf.replace('\n', "\r\n");
+    let a = write(dir.path(), "lf.fa", lf.as_bytes());
+    let b = write(dir.path(), "crlf.fa", crlf.as_bytes());
+    let (pa, ra) = run(config(vec![a]));
+    let (pb, rb) = run(config(vec![b]));
+    assert_eq!(sequences(&pa), sequences(&pb));
+    assert_eq!(ra.stages, rb.stages);
+    assert!(!sequences(&pb)[0].1.contains('\r'));
+}
+
+#[test]
+fn truncated_gzip_names_file_and_record() {
+    let dir = tempfile::tempdir().unwrap();
+    // ~2 MB of FASTQ so the cut falls well after the reader's first buffer fill.
+    let reads = {
+        use std::io::Read;
+        let mut s = Vec::new();
+        flate2::read::GzDecoder::new(
+            &std::fs::read(fixture("lambda_reads_200.fq.gz")).unwrap()[..],
+        )
+        .read_to_end(&mut s)
+        .unwrap();
+        s
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    for _ in 0..40 {
+        gz.write_all(&reads).unwrap();
+    }
+    let gz = gz.finish().unwrap();
+    let f = write(dir.path(), "cut.fq.gz", &gz[..gz.len() / 2]);
+    let (packs, msg, report) = run_err(config(vec![f]));
+    assert!(
+        msg.contains("cut.fq.gz") && msg.contains("record "),
+        "{msg}"
+    );
+    // The records before the cut were read and packed.
+    assert!(report.records_read > 1000, "{}", report.records_read);
+    assert!(packs > 0);
+    eprintln!("{msg}");
+}
+
+#[test]
+fn non_utf8_header_bytes_are_replaced_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "u.fa",
+        b">seq\xff\xfe1 d\nATGGCCAAATGG\n>ok\nATGGCC\n",
+    );
+    let (packs, report) = run(config(vec![f]));
+    assert_eq!(report.non_utf8_ids, 1);
+    let ids: Vec<_> = sequences(&packs).into_iter().map(|s| s.1).collect();
+    assert!(
+        ids.iter()
+            .any(|i| i.starts_with("seq\u{fffd}\u{fffd}1_chunk_1"))
+    );
+}
+
+#[test]
+fn duplicate_ids_are_counted_and_indices_stay_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "d.fa",
+        b">x a\nATGGCC\n>x b\nATGGCC\n>y\nATG\n>x\nAAA\n",
+    );
+    let (packs, report) = run(config(vec![f]));
+    assert_eq!(report.duplicate_ids, 2);
+    assert!(!report.duplicate_check_capped);
+    let seqs = sequences(&packs);
+    let idx: Vec<u64> = seqs.iter().map(|s| s.0).collect();
+    assert_eq!(idx, (0..seqs.len() as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn report_is_json_and_accounting_can_fail() {
+    let (_, report) = run(config(vec![fixture("lambda_virus.fa")]));
+    let json = serde_json::to_string_pretty(&report).unwrap();
+    let back: RunReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, report);
+    assert!(json.contains("\"frames_dropped_stop\""));
+    // Break the balance in each family of counters: the check notices.
+    let mut r = report.clone();
+    r.stages.frames_kept += 1;
+    assert!(r.check_accounting().is_err());
+    let mut r = report.clone();
+    r.records_empty += 1;
+    assert!(r.check_accounting().is_err());
+    let mut r = report.clone();
+    r.packing.sequences -= 1;
+    assert!(r.check_accounting().is_err());
+    let mut r = report;
+    r.files[0].records += 1;
+    assert!(r.check_accounting().is_err());
+}
+
+#[test]
+fn unknown_residues_become_unk_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "p.fa", b">p1\nMKV*\n>p2\nmk1J\n");
+    let (packs, report) = run(PipelineConfig {
+        mode: virnuc_data::Mode::Protein,
+        ..config(vec![f])
+    });
+    assert_eq!(report.stages.unknown_residues, 2); // '1' and 'J'
+    assert_eq!(report.stages.terminal_stops_stripped, 1);
+    let seqs = sequences(&packs);
+    assert_eq!(seqs[0].2, vec![20, 15, 7]);
+    assert_eq!(seqs[1].2, vec![20, 15, 3, 3]);
+}
+
+#[test]
+fn gzip_written_in_two_members_is_read_whole() {
+    // bgzip-style multi-member gzip, as many sequencing tools write.
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = Vec::new();
+    for part in [&b">a\nATGGCCAAA\n"[..], &b">b\nATGGCCAAA\n"[..]] {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(part).unwrap();
+        out.extend(gz.finish().unwrap());
+    }
+    let f = write(dir.path(), "mm.fa.gz", &out);
+    let (_, report) = run(config(vec![f]));
+    assert_eq!(report.records_read, 2);
+}

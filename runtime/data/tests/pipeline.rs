@@ -1,0 +1,256 @@
+#![allow(clippy::unwrap_used)]
+//! The pipeline end to end on real genomes, determinism, resume, cancellation, compression.
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+
+use common::*;
+use virnuc_core::alphabet;
+use virnuc_data::{LongPolicy, Mode, PipelineConfig, chunk::chunk_count, proteins};
+
+#[test]
+fn lambda_chunk_counts_match_the_formula() {
+    let len = lambda_seq().len();
+    assert_eq!(len, 48_502);
+    for (chunk_len, expect) in [(500, 98), (300, 162)] {
+        // Hand check: ceil(48502 / 500) = 98 (97·500 = 48,500 < 48,502); ceil(48502 / 300) = 162.
+        assert_eq!(chunk_count(len, chunk_len), expect);
+        let (packs, report) = run(PipelineConfig {
+            chunk_len,
+            ..config(vec![fixture("lambda_virus.fa")])
+        });
+        assert_eq!(report.records_read, 1);
+        assert_eq!(report.stages.chunks, expect as u64);
+        assert_eq!(report.stages.frames, 6 * expect as u64);
+        assert!(report.stages.frames_kept > 0);
+        // Every packed id is a chunk frame of the lambda record, chunk numbers 1..=n.
+        for (_, id, residues) in sequences(&packs) {
+            let (record, rest) = id.split_once("_chunk_").unwrap();
+            assert_eq!(record, "gi|9626243|ref|NC_001416.1|");
+            let k: usize = rest[..rest.len() - 2].parse().unwrap();
+            assert!((1..=expect).contains(&k));
+            assert!(["F1", "F2", "F3", "R1", "R2", "R3"].contains(&&rest[rest.len() - 2..]));
+            assert!(residues.len() <= chunk_len / 3);
+            assert!(!residues.contains(&i64::from(alphabet::UNK)));
+        }
+    }
+}
+
+#[test]
+fn packs_carry_exactly_the_proteins_of_the_sequential_view() {
+    let config = config(vec![
+        fixture("lambda_virus.fa"),
+        fixture("lambda_reads_200.fq.gz"),
+    ]);
+    let (packs, report) = run(config.clone());
+    let expected: Vec<_> = proteins(&config).unwrap().map(|p| p.unwrap()).collect();
+    let got = sequences(&packs);
+    assert_eq!(got.len(), expected.len());
+    assert_eq!(report.stages.sequences, expected.len() as u64);
+    for ((index, id, tokens), p) in got.iter().zip(&expected) {
+        assert_eq!(*index, p.index);
+        assert_eq!(id, &p.id);
+        let mut want = vec![];
+        virnuc_data::tokenize::tokenize(p.residues.as_bytes(), &mut want);
+        let want: Vec<i64> = want[1..want.len() - 1]
+            .iter()
+            .map(|&t| i64::from(t))
+            .collect();
+        assert_eq!(tokens, &want);
+    }
+    assert_eq!(report.files.len(), 2);
+    assert_eq!(report.files[1].records, 200);
+}
+
+#[test]
+fn globins_in_protein_mode() {
+    let (packs, report) = run(PipelineConfig {
+        mode: Mode::Protein,
+        token_budget: 1024,
+        ..config(vec![fixture("globins45.fa")])
+    });
+    assert_eq!(report.records_read, 45);
+    assert_eq!(report.stages.sequences, 45);
+    let seqs = sequences(&packs);
+    assert_eq!(seqs[0].1, "MYG_ESCGI");
+    assert!(seqs[0].2.starts_with(&[7, 4, 8, 13])); // V L S D
+    let residues: usize = std::fs::read_to_string(fixture("globins45.fa"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('>'))
+        .map(|l| l.trim_end_matches(['\n', '\r']).len())
+        .sum();
+    assert_eq!(report.packing.tokens as usize, residues + 2 * 45);
+    assert!(packs.iter().all(|p| p.num_tokens() <= 1024));
+}
+
+/// About 1 MB of records cut from lambda, so the reader makes several batches.
+fn many_records(dir: &std::path::Path) -> std::path::PathBuf {
+    let lambda = lambda_seq();
+    let mut text = Vec::new();
+    let mut k = 0usize;
+    while text.len() < 1_200_000 {
+        let start = (k * 7919) % (lambda.len() - 3000);
+        let len = 100 + (k * 104_729) % 2900;
+        writeln!(text, ">r{k} sample").unwrap();
+        text.extend_from_slice(&lambda[start..start + len]);
+        text.push(b'\n');
+        k += 1;
+    }
+    write(dir, "many.fa", &text)
+}
+
+#[test]
+fn output_is_identical_for_1_and_4_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = many_records(dir.path());
+    let base = PipelineConfig {
+        window: 256,
+        token_budget: 4096,
+        prefetch: 1,
+        ..config(vec![input])
+    };
+    let (one, r1) = run(PipelineConfig {
+        workers: 1,
+        ..base.clone()
+    });
+    let (four, r4) = run(PipelineConfig { workers: 4, ..base });
+    assert!(one.len() > 50, "{}", one.len());
+    assert_eq!(one, four);
+    assert_eq!(r1, r4);
+}
+
+#[test]
+fn resume_predicate_skips_and_counts() {
+    let input = fixture("lambda_virus.fa");
+    let (all, _) = run(config(vec![input.clone()]));
+    let (odd, report) = run(PipelineConfig {
+        skip: Some(Arc::new(|i| i % 2 == 0)),
+        ..config(vec![input])
+    });
+    let all = sequences(&all);
+    let odd = sequences(&odd);
+    assert_eq!(report.skipped_resume as usize, all.len().div_ceil(2));
+    let expect: Vec<_> = all.into_iter().filter(|s| s.0 % 2 == 1).collect();
+    assert_eq!(odd, expect);
+}
+
+#[test]
+fn consumer_stopping_early_ends_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pipeline = virnuc_data::start(PipelineConfig {
+        token_budget: 256,
+        window: 8,
+        prefetch: 1,
+        ..config(vec![many_records(dir.path())])
+    })
+    .unwrap();
+    assert!(pipeline.next().unwrap().is_ok());
+    let report = pipeline.finish().unwrap();
+    assert!(!report.complete);
+    assert!(report.check_accounting().is_err());
+}
+
+#[test]
+fn compressed_inputs_give_the_same_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = std::fs::read(fixture("lambda_virus.fa")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&plain).unwrap();
+    let gz = write(dir.path(), "l.fa.gz", &gz.finish().unwrap());
+    let zst = write(
+        dir.path(),
+        "l.fa.zst",
+        &zstd::encode_all(&plain[..], 3).unwrap(),
+    );
+    let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+    bz.write_all(&plain).unwrap();
+    let bz = write(dir.path(), "l.fa.bz2", &bz.finish().unwrap());
+    let (reference, _) = run(config(vec![fixture("lambda_virus.fa")]));
+    let reference = sequences(&reference);
+    let (packs, report) = run(config(vec![gz, zst, bz]));
+    assert_eq!(report.files.len(), 3);
+    assert_eq!(report.duplicate_ids, 2);
+    let got = sequences(&packs);
+    let n = reference.len();
+    assert_eq!(got.len(), 3 * n);
+    for (k, chunk) in got.chunks(n).enumerate() {
+        for (a, b) in chunk.iter().zip(&reference) {
+            assert_eq!(a.0, b.0 + (k * n) as u64);
+            assert_eq!((&a.1, &a.2), (&b.1, &b.2));
+        }
+    }
+}
+
+#[test]
+fn long_policies_split_truncate_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let long: String = "ACDEFGHIKLMNPQRSTVWY".repeat(60); // 1200 residues
+    let input = write(
+        dir.path(),
+        "p.fa",
+        format!(">big\n{long}\n>small\nMKV\n").as_bytes(),
+    );
+    let base = PipelineConfig {
+        mode: Mode::Protein,
+        max_residues: 500,
+        ..config(vec![input])
+    };
+    let names = |long| {
+        let c = PipelineConfig {
+            long,
+            ..base.clone()
+        };
+        let (packs, report) = run(c.clone());
+        let ps: Vec<_> = proteins(&c).unwrap().map(|p| p.unwrap()).collect();
+        assert_eq!(sequences(&packs).len(), ps.len());
+        (ps, report)
+    };
+    let (split, r) = names(LongPolicy::Split);
+    let ids: Vec<_> = split.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["big_w1", "big_w2", "big_w3", "small"]);
+    assert_eq!(
+        split[..3]
+            .iter()
+            .map(|p| p.residues.as_str())
+            .collect::<String>(),
+        long
+    );
+    assert_eq!((r.stages.long_split, r.stages.split_extra_windows), (1, 2));
+    let (trunc, r) = names(LongPolicy::Truncate);
+    assert_eq!(trunc[0].residues, long[..500]);
+    assert_eq!(
+        (r.stages.long_truncated, r.stages.residues_truncated),
+        (1, 700)
+    );
+    let (skip, r) = names(LongPolicy::Skip);
+    assert_eq!(skip.len(), 1);
+    assert_eq!(skip[0].index, 0);
+    assert_eq!(r.stages.long_skipped, 1);
+}
+
+#[test]
+fn virnucpro_compat_drops_ambiguous_codons() {
+    let dir = tempfile::tempdir().unwrap();
+    // F1: ATG GCN AAA TGG → default M X K W; VirNucPro drops GCN → M K W (positions shift).
+    let input = write(dir.path(), "n.fa", b">c1\nATGGCNAAATGG\n");
+    let run_mode = |compat| {
+        let c = PipelineConfig {
+            virnucpro_compat: compat,
+            ..config(vec![input.clone()])
+        };
+        let ps: Vec<_> = proteins(&c).unwrap().map(|p| p.unwrap()).collect();
+        ps.into_iter()
+            .map(|p| (p.id, p.residues))
+            .collect::<Vec<_>>()
+    };
+    let default = run_mode(false);
+    let compat = run_mode(true);
+    assert_eq!(default[0], ("c1_chunk_1F1".to_string(), "MXKW".to_string()));
+    assert_eq!(compat[0], ("c1_chunk_1F1".to_string(), "MKW".to_string()));
+    // R1 of the reverse complement CCATTTNGCCAT: CCA TTT NGC CAT → P F X H / P F H.
+    assert!(default.contains(&("c1_chunk_1R1".to_string(), "PFXH".to_string())));
+    assert!(compat.contains(&("c1_chunk_1R1".to_string(), "PFH".to_string())));
+}
