@@ -49,7 +49,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,173 +265,202 @@ def row_from(
     }
 
 
-def bench(args: argparse.Namespace) -> int:
-    import torch
-    from gpu import GpuMonitor, device_info, matmul_ceiling_tflops
-    from packed_esm import esm_flops_per_token
-    from peers import TorchPeer, canonical_weights_torch
-    from virnuc import export_model, run_embed
+class Bench:
+    """One benchmark session: the context, the rows so far, and how each tool is run and measured."""
 
-    from virnuc_export.config import load_model_config
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+        from gpu import GpuMonitor, device_info, matmul_ceiling_tflops
 
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    mode = "cuda" if cuda else "cpu"
-    models = parse_list(args.models or ("esm2_t33_650M,esm2_t36_3B" if cuda else "esm2_t6_8M,esm2_t12_35M"))
-    runs = expand_runs(args, cuda)
-    tokens = args.max_tokens or (200_000 if cuda else 20_000)
-    budgets = [int(x) for x in parse_list(args.virnuc_budgets or ("16384" if cuda else "4096"))]
-    staged = args.stage / "bin" / "virnuc-trt"
-    binary = args.virnuc_trt or (staged if staged.exists() else REPO / "target" / "release" / "virnuc-trt")
-    if any(r.tool == "virnuc-trt" for r in runs) and not binary.exists():
-        raise SystemExit(
-            f"{binary}: no virnuc-trt binary (build it, pass --virnuc-trt, or leave it out of --peers)"
+        self.args = args
+        self.cuda = torch.cuda.is_available() and not args.cpu
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        mode = "cuda" if self.cuda else "cpu"
+        self.models = parse_list(
+            args.models or ("esm2_t33_650M,esm2_t36_3B" if self.cuda else "esm2_t6_8M,esm2_t12_35M")
         )
-    now = dt.datetime.now(dt.UTC)
-    tag = args.tag or f"bench-{mode}-{now:%Y%m%d-%H%M%S}"
-    results = args.results or Path(os.environ.get("OUT") or REPO / "out" / "bench")
-    monitor = GpuMonitor() if cuda else None
+        self.runs = expand_runs(args, self.cuda)
+        tokens = args.max_tokens or (200_000 if self.cuda else 20_000)
+        self.budgets = [int(x) for x in parse_list(args.virnuc_budgets or ("16384" if self.cuda else "4096"))]
+        staged = args.stage / "bin" / "virnuc-trt"
+        self.binary: Path = args.virnuc_trt or (
+            staged if staged.exists() else REPO / "target" / "release" / "virnuc-trt"
+        )
+        if any(r.tool == "virnuc-trt" for r in self.runs) and not self.binary.exists():
+            raise SystemExit(
+                f"{self.binary}: no virnuc-trt binary (build it, pass --virnuc-trt, or leave it out of "
+                "--peers)"
+            )
+        now = dt.datetime.now(dt.UTC)
+        self.tag = args.tag or f"bench-{mode}-{now:%Y%m%d-%H%M%S}"
+        self.results = args.results or Path(os.environ.get("OUT") or REPO / "out" / "bench")
+        self.monitor = GpuMonitor() if self.cuda else None
+        runs = [f"{r.tool}:{r.precision}" for r in self.runs]
+        print(f"[bench] {mode}: models {self.models}, runs {runs}", file=sys.stderr)
+        self.workloads = make_workloads(args, self.binary, tokens)
+        self.ceiling = matmul_ceiling_tflops(self.cuda)
+        self.doc: dict[str, Any] = {
+            "context": {
+                "mode": mode,
+                "device": device_info(self.cuda),
+                "date": f"{now:%Y-%m-%d %H:%M} UTC",
+                "command": "python3 tools/bench/run.py " + " ".join(sys.argv[1:]),
+                "software": software(self.cuda, self.binary),
+                "seed": args.seed,
+                "ceiling_tflops": self.ceiling,
+                "limits": {},
+                "workloads": {k: vars(w) | {"path": str(w.path)} for k, w in self.workloads.items()},
+            },
+            "rows": [],
+        }
 
-    print(
-        f"[bench] {mode}: models {models}, runs {[f'{r.tool}:{r.precision}' for r in runs]}", file=sys.stderr
-    )
-    loads = make_workloads(args, binary, tokens)
-    ceiling = matmul_ceiling_tflops(cuda)
-    doc: dict[str, Any] = {
-        "context": {
-            "mode": mode,
-            "device": device_info(cuda),
-            "date": f"{now:%Y-%m-%d %H:%M} UTC",
-            "command": "python3 tools/bench/run.py " + " ".join(sys.argv[1:]),
-            "software": software(cuda, binary),
-            "seed": args.seed,
-            "ceiling_tflops": ceiling,
-            "limits": {},
-            "workloads": {k: vars(w) | {"path": str(w.path)} for k, w in loads.items()},
-        },
-        "rows": [],
-    }
-
-    def save() -> None:
-        update_cosines(doc, args.work)
-        _, md = report.write(doc, results, tag)
+    def save(self) -> Path:
+        update_cosines(self.doc, self.args.work)
+        _, md = report.write(self.doc, self.results, self.tag)
         print(f"[bench] wrote {md}", file=sys.stderr)
+        return md
 
-    def failed(spec: RunSpec, model: str, workload: str, budget: int, exc: BaseException) -> None:
+    def failed(self, spec: RunSpec, model: str, workload: str, budget: int, exc: BaseException) -> None:
         traceback.print_exc()
-        error = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        doc["rows"].append(
+        self.doc["rows"].append(
             {
                 "model": model,
                 "workload": workload,
                 "tool": spec.tool,
                 "precision": spec.precision,
                 "budget": budget,
-                "error": error,
+                "error": f"{type(exc).__name__}: {exc}".replace("\n", " "),
             }
         )
-        save()
+        self.save()
 
-    for model in models:
-        config = load_model_config(model)
-        limit = ceiling * 1e12 / esm_flops_per_token(config)
-        doc["context"]["limits"][model] = limit
-        weights: dict[str, torch.Tensor] | None = None
-        for spec in runs:
-            if spec.tool == "virnuc-trt":
-                model_dir = args.work / "models" / f"{model}-s{args.seed}-{spec.attention}-{spec.precision}"
+    def _gpu_figures(self, row: dict[str, Any], baseline: int | None, t_from: float | None = None) -> None:
+        if self.monitor is None:
+            return
+        row["gpu_busy_pct"] = self.monitor.busy_pct(t_from)
+        peak = self.monitor.peak_used()
+        if peak is not None and baseline is not None:
+            row["peak_gpu_gib"] = (peak - baseline) / 2**30
+
+    def virnuc(self, spec: RunSpec, model: str, limit: float) -> None:
+        from virnuc import export_model, run_embed
+
+        args = self.args
+        model_dir = args.work / "models" / f"{model}-s{args.seed}-{spec.attention}-{spec.precision}"
+        try:
+            export_s = export_model(
+                REPO, model, args.seed, spec.attention, spec.precision, model_dir, args.reexport
+            )
+        except Exception as exc:
+            self.failed(spec, model, "-", 0, exc)
+            return
+        print(f"[bench] {model} {spec.attention} {spec.precision}: export {export_s:.0f} s", file=sys.stderr)
+        for workload in self.workloads.values():
+            for budget in self.budgets:
+                name = f"virnuc-trt-{spec.precision}-{spec.attention}-{budget}.h5"
+                out_h5 = args.work / "out" / model / workload.name / name
+                baseline = self.monitor.used_bytes() if self.monitor else None
                 try:
-                    export_s = export_model(
-                        REPO, model, args.seed, spec.attention, spec.precision, model_dir, args.reexport
-                    )
-                    print(
-                        f"[bench] {model} {spec.attention} {spec.precision}: export {export_s:.0f} s",
-                        file=sys.stderr,
+                    if self.monitor:
+                        self.monitor.start()
+                    stats, _, _, _, t0 = run_embed(
+                        self.binary,
+                        model_dir,
+                        workload.path,
+                        out_h5,
+                        budget,
+                        "cuda" if self.cuda else "cpu",
+                        shlex.split(args.virnuc_args),
                     )
                 except Exception as exc:
-                    failed(spec, model, "-", 0, exc)
+                    self.failed(spec, model, workload.name, budget, exc)
                     continue
-                for workload in loads.values():
-                    for budget in budgets:
-                        out_h5 = (
-                            args.work
-                            / "out"
-                            / model
-                            / workload.name
-                            / (f"virnuc-trt-{spec.precision}-{spec.attention}-{budget}.h5")
-                        )
-                        try:
-                            baseline = monitor.used_bytes() if monitor else None
-                            if monitor:
-                                monitor.start()
-                            stats, _, _, _, t0 = run_embed(
-                                binary, model_dir, workload.path, out_h5, budget, "cuda" if cuda else "cpu",
-                                shlex.split(args.virnuc_args),
-                            )  # fmt: skip
-                            t_end = time.perf_counter()
-                            if monitor:
-                                monitor.stop()
-                            row = row_from(spec, model, workload, budget, stats, limit, out_h5)
-                            row["export_seconds"] = export_s
-                            if monitor:
-                                row["gpu_busy_pct"] = monitor.busy_pct(t0 + stats.load_seconds, t_end)
-                                peak = monitor.peak_used()
-                                if peak is not None and baseline is not None:
-                                    row["peak_gpu_gib"] = (peak - baseline) / 2**30
-                            doc["rows"].append(row)
-                            save()
-                        except Exception as exc:
-                            if monitor:
-                                monitor.stop()
-                            failed(spec, model, workload.name, budget, exc)
-                continue
-            if weights is None:
-                _, weights, weights_s = canonical_weights_torch(model, args.seed)
-                print(f"[bench] {model}: random weights in {weights_s:.0f} s", file=sys.stderr)
-            budget = {"hf-eager": args.hf_eager_budget, "hf-sdpa": args.hf_sdpa_budget}.get(
-                spec.tool, args.packed_budget
-            )
-            peer = None
-            try:
-                if cuda:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                baseline = monitor.used_bytes() if monitor else None
-                peer = TorchPeer(spec.tool, config, weights, device, spec.precision, budget)
-                peer.warmup()
-            except Exception as exc:
-                failed(spec, model, "-", budget, exc)
-                if peer is not None:
-                    peer.close()
-                continue
-            for workload in loads.values():
+                finally:
+                    if self.monitor:
+                        self.monitor.stop()
+                row = row_from(spec, model, workload, budget, stats, limit, out_h5)
+                row["export_seconds"] = export_s
+                if stats.tokens not in (-1, workload.tokens):
+                    row["note"] = f"virnuc-trt counted {stats.tokens} tokens, the workload {workload.tokens}"
+                self._gpu_figures(row, baseline, t0 + stats.load_seconds)
+                self.doc["rows"].append(row)
+                self.save()
+
+    def torch_peer(
+        self, spec: RunSpec, model: str, limit: float, config: dict[str, Any], weights: Any
+    ) -> None:
+        import torch
+        from peers import TorchPeer
+
+        args = self.args
+        budget = {"hf-eager": args.hf_eager_budget, "hf-sdpa": args.hf_sdpa_budget}.get(
+            spec.tool, args.packed_budget
+        )
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        baseline = self.monitor.used_bytes() if self.monitor else None
+        try:
+            peer = TorchPeer(spec.tool, config, weights, self.device, spec.precision, budget)
+            peer.warmup()
+        except Exception as exc:
+            self.failed(spec, model, "-", budget, exc)
+            return
+        try:
+            for workload in self.workloads.values():
                 out_h5 = (
                     args.work / "out" / model / workload.name / f"{spec.tool}-{spec.precision}-{budget}.h5"
                 )
                 try:
-                    if monitor:
-                        monitor.start()
+                    if self.monitor:
+                        self.monitor.start()
                     stats, _, _ = peer.run(workload.path, out_h5)
-                    if monitor:
-                        monitor.stop()
-                    row = row_from(spec, model, workload, budget, stats, limit, out_h5)
-                    if monitor:
-                        row["gpu_busy_pct"] = monitor.busy_pct()
-                        peak = monitor.peak_used()
-                        if peak is not None and baseline is not None:
-                            row["peak_gpu_gib"] = (peak - baseline) / 2**30
-                        row["torch_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                    doc["rows"].append(row)
-                    save()
                 except Exception as exc:
-                    if monitor:
-                        monitor.stop()
-                    failed(spec, model, workload.name, budget, exc)
+                    self.failed(spec, model, workload.name, budget, exc)
+                    continue
+                finally:
+                    if self.monitor:
+                        self.monitor.stop()
+                row = row_from(spec, model, workload, budget, stats, limit, out_h5)
+                self._gpu_figures(row, baseline)
+                if self.cuda:
+                    row["torch_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                self.doc["rows"].append(row)
+                self.save()
+        except Exception as exc:
+            self.failed(spec, model, "-", budget, exc)
+        finally:
             peer.close()
-            del peer
-        weights = None
-    save()
-    print((results / f"{tag}.md").read_text())
+
+    def run(self) -> Path:
+        from packed_esm import esm_flops_per_token
+        from peers import canonical_weights_torch
+
+        from virnuc_export.config import load_model_config
+
+        for model in self.models:
+            config = load_model_config(model)
+            limit = self.ceiling * 1e12 / esm_flops_per_token(config)
+            self.doc["context"]["limits"][model] = limit
+            weights = None
+            for spec in self.runs:
+                if spec.tool == "virnuc-trt":
+                    try:
+                        self.virnuc(spec, model, limit)
+                    except Exception as exc:
+                        self.failed(spec, model, "-", 0, exc)
+                    continue
+                if weights is None:
+                    _, weights, seconds = canonical_weights_torch(model, self.args.seed)
+                    print(f"[bench] {model}: random weights in {seconds:.0f} s", file=sys.stderr)
+                self.torch_peer(spec, model, limit, config, weights)
+            weights = None
+        return self.save()
+
+
+def bench(args: argparse.Namespace) -> int:
+    md = Bench(args).run()
+    print(md.read_text())
     return 0
 
 
