@@ -71,7 +71,7 @@ class InitializerStore:
             self._file.write(b"\0" * pad)
             self.bytes_written += pad
         offset = self.bytes_written
-        self._file.write(array.tobytes())
+        array.tofile(self._file)
         self.bytes_written += array.nbytes
         t = TensorProto()
         t.name = name
@@ -152,14 +152,15 @@ class EsmGraph:
 
     # -- weights -------------------------------------------------------------------------------------
     def weight(self, graph_name: str, array: np.ndarray) -> str:
-        return self.store.add(graph_name, array.astype(self.act, copy=False))
+        # One pass converts the dtype and, for transposed views, lays the result out row-major.
+        return self.store.add(graph_name, array.astype(self.act, order="C", copy=False))
 
     def p(self, name: str) -> np.ndarray:
         return self.src.get(name)
 
     def linear_w(self, name: str) -> np.ndarray:
-        """torch Linear weight [out, in] → MatMul right operand [in, out]."""
-        return np.ascontiguousarray(self.p(name).T)
+        """torch Linear weight [out, in] → MatMul right operand [in, out] (a view; `weight` copies)."""
+        return self.p(name).T
 
     # -- shared derived tensors ----------------------------------------------------------------------
     def seq_geometry(self) -> dict[str, str]:

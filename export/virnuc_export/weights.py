@@ -102,8 +102,9 @@ class RandomWeights(WeightSource):
     """Seeded random weights in which every parameter is random, so that a bias or layer-norm bug shows.
 
     Each tensor has its own generator seeded by (seed, crc32(name)): the values do not depend on the order
-    tensors are asked for. Matrices and embeddings N(0, 1/fan_in) and N(0, 1) (attention logits of order 1),
-    biases 0.02·N(0, 1), layer-norm weights 1 + 0.1·N(0, 1).
+    tensors are asked for. Matrices: zero-mean uniform noise of variance 1/fan_in (attention logits of
+    order 1; uniform because it is generated 3 times faster than normal noise, which matters for the 3B/15B
+    exports); embeddings: uniform of variance 1; biases 0.02·N(0, 1); layer-norm weights 1 + 0.1·N(0, 1).
     """
 
     kind = "random"
@@ -118,10 +119,15 @@ class RandomWeights(WeightSource):
         kind = self._kinds[name]
         shape = canonical_shape(self.config, name)
         rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        if kind in ("matrix", "embedding"):
+            # U(-a, a) has variance a²/3.
+            a = np.float32(np.sqrt(3.0 / shape[1]) if kind == "matrix" else np.sqrt(3.0))
+            x = rng.random(shape, dtype=np.float32)
+            x *= np.float32(2.0) * a
+            x -= a
+            return x
         x = rng.standard_normal(shape, dtype=np.float32)
-        if kind == "matrix":
-            x *= np.float32(1.0 / np.sqrt(shape[1]))
-        elif kind == "bias":
+        if kind == "bias":
             x *= np.float32(0.02)
         elif kind == "ln_weight":
             x *= np.float32(0.1)
