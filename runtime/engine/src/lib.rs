@@ -25,6 +25,7 @@ use std::time::Duration;
 use virnuc_core::{ModelMetadata, PackedBatch};
 
 pub mod custom_op;
+pub mod manifest;
 mod model;
 mod ort_engine;
 pub mod runtime;
