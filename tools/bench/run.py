@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--virnuc-trt", type=Path, help="binary (default: STAGE/bin/virnuc-trt, else target/release)"
     )
-    b.add_argument("--virnuc-budgets", help="comma list of --toks-per-batch values (GPU 16384, CPU 4096)")
+    b.add_argument(
+        "--virnuc-budgets",
+        help="comma list of --toks-per-batch values (GPU 16384, CPU 2048: the binary's defaults)",
+    )
     b.add_argument(
         "--virnuc-attention", help="export flavors, comma list of ort,virnuc,masked (GPU ort, CPU virnuc)"
     )
@@ -281,7 +284,7 @@ class Bench:
         )
         self.runs = expand_runs(args, self.cuda)
         tokens = args.max_tokens or (200_000 if self.cuda else 20_000)
-        self.budgets = [int(x) for x in parse_list(args.virnuc_budgets or ("16384" if self.cuda else "4096"))]
+        self.budgets = [int(x) for x in parse_list(args.virnuc_budgets or ("16384" if self.cuda else "2048"))]
         staged = args.stage / "bin" / "virnuc-trt"
         self.binary: Path = args.virnuc_trt or (
             staged if staged.exists() else REPO / "target" / "release" / "virnuc-trt"
