@@ -4,6 +4,7 @@ and compared with the implementation that owns the format (HF from_pretrained, f
 from __future__ import annotations
 
 import argparse
+import sys
 
 import esm
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from transformers import EsmForMaskedLM, EsmModel
 
-from conftest import TINY, cosine, pack, random_protein, residue_mean, run, session, token_rel_error
+from export_helpers import TINY, cosine, pack, random_protein, residue_mean, run, session, token_rel_error
 from virnuc_export.config import tokenize
 from virnuc_export.export import export
 from virnuc_export.graph import GraphOptions
@@ -142,3 +143,29 @@ def test_fair_esm_and_hf_names_agree(tmp_path):
     np.testing.assert_array_equal(
         src.get("encoder.emb_layer_norm_after.bias"), sd["emb_layer_norm_after.bias"]
     )
+
+
+def test_fair_esm_config_class_from_a_missing_package(tmp_path, monkeypatch):
+    """Released checkpoints pickle their cfg with the training framework's classes (omegaconf/fairseq);
+    loading must not need those packages installed."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "fakecfg.py").write_text(
+        "class ModelCfg:\n    def __init__(self, **kw):\n        self.__dict__.update(kw)\n"
+    )
+    monkeypatch.syspath_prepend(str(pkg))
+    import fakecfg
+
+    model = random_fair_esm(7)
+    path = tmp_path / "esm2_t2_cfgclass.pt"
+    state = {"encoder.sentence_encoder." + k: v for k, v in model.state_dict().items()}
+    cfg = fakecfg.ModelCfg(encoder_layers=2, encoder_attention_heads=4, token_dropout=True)
+    torch.save({"model": state, "cfg": {"model": cfg}}, path)
+    monkeypatch.delitem(sys.modules, "fakecfg")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(pkg)])
+    with pytest.raises(ModuleNotFoundError):
+        torch.load(path, weights_only=False)  # what a plain load does without the package
+    src = FairEsmWeights(path)
+    assert src.config["num_heads"] == 4
+    embed = src.get("embeddings.word_embeddings.weight")
+    np.testing.assert_array_equal(embed, model.embed_tokens.weight.detach().numpy())

@@ -18,7 +18,7 @@ import torch
 from onnx import helper
 from transformers.models.esm.modeling_esm import RotaryEmbedding
 
-from conftest import Model, cosine, pack, random_protein, residue_mean, run, session, token_rel_error
+from export_helpers import Model, cosine, pack, random_protein, residue_mean, run, session, token_rel_error
 from virnuc_export.config import tokenize
 from virnuc_export.graph import MS_DOMAIN, VIRNUC_DOMAIN, build_attention_model
 from virnuc_export.varlen_reference import apply_rotary, varlen_attention

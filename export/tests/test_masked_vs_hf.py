@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import Model, cosine, pack, random_protein, residue_mean, run, session, token_rel_error
+from export_helpers import Model, cosine, pack, random_protein, residue_mean, run, session, token_rel_error
 from virnuc_export.config import MASK, tokenize
 
 MAX_REL = 1e-4

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import TINY, Model, pack, random_protein, run, session
+from export_helpers import TINY, Model, pack, random_protein, run, session
 from virnuc_export.__main__ import main as export_main
 from virnuc_export.config import ALPHABET, CONFIG_FIELDS, repo_root, tokenize
 from virnuc_export.export import export

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
+import types
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import config_for_architecture, load_model_config
+from .config import config_for_architecture, load_model_config, models_dir
 
 _LAYER_PARAMS: tuple[tuple[str, str], ...] = (
     # (canonical suffix under encoder.layer.{i}., kind) — kind picks the random init.
@@ -245,6 +247,58 @@ def fair_esm_to_canonical(key: str) -> str | None:
     return None
 
 
+class _Stub:
+    """Stands in for classes of a checkpoint's config whose module is not installed (e.g. omegaconf)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        elif isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            self.__dict__.update(state[1])
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return _Stub
+
+
+_tolerant_pickle = types.ModuleType("virnuc_tolerant_pickle")
+_tolerant_pickle.Unpickler = _TolerantUnpickler  # type: ignore[attr-defined]
+_tolerant_pickle.load = lambda f, **kw: _TolerantUnpickler(f, **kw).load()  # type: ignore[attr-defined]
+_tolerant_pickle.__dict__["loads"] = pickle.loads
+
+
+def _load_torch_checkpoint(path: Path) -> Any:
+    """torch.load of a full fair-esm checkpoint: memory-mapped when the file allows it (zip format), and
+    tolerant of config classes from packages that are not installed (their fields are kept as attributes)."""
+    import torch
+
+    for mmap in (True, False):  # legacy (non-zip) checkpoints cannot be memory-mapped
+        try:
+            return torch.load(
+                path, map_location="cpu", mmap=mmap, weights_only=False, pickle_module=_tolerant_pickle
+            )
+        except RuntimeError:
+            if not mmap:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _known_heads(num_layers: int, hidden: int) -> int | None:
+    """Heads of the models/*.yaml entry with this depth and width (ESM-2 sizes are unambiguous)."""
+    for path in sorted(models_dir().glob("*.yaml")):
+        c = load_model_config(str(path))
+        if (c["num_layers"], c["hidden_size"]) == (num_layers, hidden):
+            return int(c["num_heads"])
+    return None
+
+
 def _cfg_get(cfg: Any, key: str) -> Any:
     if cfg is None:
         return None
@@ -260,15 +314,11 @@ class FairEsmWeights(_TensorMapSource):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        import torch
 
         path = Path(path)
         self.path = str(path)
         self._files = [path]
-        try:
-            data = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except RuntimeError:  # legacy (non-zip) checkpoints cannot be memory-mapped
-            data = torch.load(path, map_location="cpu", weights_only=False)
+        data = _load_torch_checkpoint(path)
         state = data["model"] if "model" in data else data
         prefix = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
         stripped = {prefix.sub("", k): v for k, v in state.items()}
@@ -280,6 +330,8 @@ class FairEsmWeights(_TensorMapSource):
         layers = {int(m.group(1)) for k in stripped if (m := _FAIR_LAYER_RE.match(k))}
         hidden = int(stripped["embed_tokens.weight"].shape[1])
         heads = _cfg_get(cfg, "encoder_attention_heads") or _cfg_get(cfg, "attention_heads")
+        if heads is None:
+            heads = _known_heads(len(layers), hidden)
         if heads is None:
             raise ValueError(f"{path}: checkpoint cfg/args do not give the number of attention heads")
         token_dropout = _cfg_get(cfg, "token_dropout")
