@@ -82,10 +82,14 @@ impl RecordProcessor {
         &mut self,
         id: &str,
         seq: &[u8],
+        part: Option<Part>,
         stats: &mut StageStats,
         emit: &mut impl FnMut(&str, &[u8]),
     ) {
-        stats.records_processed += 1;
+        // A record cut into parts counts once, with its first part.
+        if part.is_none_or(|p| p.first == 1) {
+            stats.records_processed += 1;
+        }
         let c = self.config;
         match c.mode {
             Mode::Protein => {
@@ -104,9 +108,14 @@ impl RecordProcessor {
                 emit_pieces(name, piece_name, residues, c, stats, emit);
             }
             Mode::Nucleotide => {
-                for (k, range) in chunks(seq.len(), c.chunk_len) {
+                let (whole_len, first, count, offset) = match part {
+                    Some(p) => (p.whole_len, p.first, p.count, p.offset),
+                    None => (seq.len(), 1, usize::MAX, 0),
+                };
+                for (k, range) in chunks(whole_len, c.chunk_len).skip(first - 1).take(count) {
                     stats.chunks += 1;
-                    self.translator.load(&seq[range], c.ambiguity);
+                    self.translator
+                        .load(&seq[range.start - offset..range.end - offset], c.ambiguity);
                     for frame in Frame::ALL {
                         stats.frames += 1;
                         let (outcome, ambiguous) = self.translator.frame(frame, c.ambiguity);
@@ -178,6 +187,7 @@ struct RecordBatch {
     id_ends: Vec<usize>,
     seqs: Vec<u8>,
     seq_ends: Vec<usize>,
+    parts: Vec<Option<Part>>,
 }
 
 /// Tokenized sequences of one batch, concatenated.
@@ -242,10 +252,10 @@ pub fn start(config: PipelineConfig) -> Result<Pipeline, DataError> {
     let (pack_tx, pack_rx) = bounded(config.prefetch);
 
     let inputs = config.inputs.clone();
-    let reader = spawn("virnuc-reader", move || {
-        reader_loop(inputs, work_tx, ticket_rx)
-    })?;
     let stage = StageConfig::from(&config);
+    let reader = spawn("virnuc-reader", move || {
+        reader_loop(inputs, stage, work_tx, ticket_rx)
+    })?;
     let mut handles = Vec::with_capacity(workers);
     for w in 0..workers {
         let rx = work_rx.clone();
@@ -284,49 +294,106 @@ fn spawn<T: Send + 'static>(
         .map_err(|e| DataError::Config(format!("cannot start thread {name}: {e}")))
 }
 
+/// Part of a long nucleotide record: chunks `first..first + count` (1-based numbers) of a record of
+/// `whole_len` bases; the batch holds only the bases those chunks cover, from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Part {
+    whole_len: usize,
+    first: usize,
+    count: usize,
+    offset: usize,
+}
+
+/// The reader's side of the work queue: fills batches and sends them, one ticket each.
+struct BatchSender {
+    tx: Sender<Work>,
+    tickets: Receiver<()>,
+    seq_no: u64,
+    batch: RecordBatch,
+    open: bool,
+}
+
+impl BatchSender {
+    fn send(&mut self, item: Result<RecordBatch, DataError>) {
+        if self.open {
+            self.open = self.tickets.recv().is_ok() && self.tx.send((self.seq_no, item)).is_ok();
+            self.seq_no += 1;
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.batch.seq_ends.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            self.send(Ok(batch));
+        }
+    }
+
+    fn push(&mut self, id: &str, seq: &[u8], part: Option<Part>) {
+        let b = &mut self.batch;
+        b.ids.push_str(id);
+        b.id_ends.push(b.ids.len());
+        b.seqs.extend_from_slice(seq);
+        b.seq_ends.push(b.seqs.len());
+        b.parts.push(part);
+        if b.seqs.len() >= BATCH_BYTES || b.seq_ends.len() >= BATCH_RECORDS {
+            self.flush();
+        }
+    }
+
+    /// Queues a record; a nucleotide record longer than a batch is cut into parts at chunk
+    /// boundaries so that several workers share it.
+    fn record(&mut self, id: &str, seq: &[u8], stage: &StageConfig) {
+        if stage.mode != Mode::Nucleotide || seq.len() <= BATCH_BYTES {
+            self.push(id, seq, None);
+            return;
+        }
+        let per_part = (BATCH_BYTES / stage.chunk_len).max(1);
+        let all: Vec<_> = chunks(seq.len(), stage.chunk_len).collect();
+        for group in all.chunks(per_part) {
+            let (first, start) = (group[0].0, group[0].1.start);
+            let end = group[group.len() - 1].1.end;
+            let part = Part {
+                whole_len: seq.len(),
+                first,
+                count: group.len(),
+                offset: start,
+            };
+            self.push(id, &seq[start..end], Some(part));
+            if !self.open {
+                return;
+            }
+        }
+    }
+}
+
 fn reader_loop(
     inputs: Vec<std::path::PathBuf>,
+    stage: StageConfig,
     tx: Sender<Work>,
     tickets: Receiver<()>,
 ) -> SourceStats {
     let mut source = Source::new(inputs);
-    let mut seq_no = 0u64;
-    let mut batch = RecordBatch::default();
-    let send = |seq_no: &mut u64, item: Result<RecordBatch, DataError>| -> bool {
-        if tickets.recv().is_err() {
-            return false;
-        }
-        let ok = tx.send((*seq_no, item)).is_ok();
-        *seq_no += 1;
-        ok
+    let mut out = BatchSender {
+        tx,
+        tickets,
+        seq_no: 0,
+        batch: RecordBatch::default(),
+        open: true,
     };
-    loop {
-        let next = source.next_record(|r: RecordRef<'_>| {
+    while out.open {
+        match source.next_record(|r: RecordRef<'_>| {
             if !r.seq.is_empty() {
-                batch.ids.push_str(r.id);
-                batch.id_ends.push(batch.ids.len());
-                batch.seqs.extend_from_slice(r.seq);
-                batch.seq_ends.push(batch.seqs.len());
+                out.record(r.id, r.seq, &stage);
             }
-        });
-        match next {
-            Ok(true) => {
-                if (batch.seqs.len() >= BATCH_BYTES || batch.seq_ends.len() >= BATCH_RECORDS)
-                    && !send(&mut seq_no, Ok(std::mem::take(&mut batch)))
-                {
-                    break;
-                }
-            }
+        }) {
+            Ok(true) => {}
             Ok(false) => {
-                if !batch.seq_ends.is_empty() {
-                    send(&mut seq_no, Ok(std::mem::take(&mut batch)));
-                }
+                out.flush();
                 break;
             }
             Err(e) => {
-                if batch.seq_ends.is_empty() || send(&mut seq_no, Ok(std::mem::take(&mut batch))) {
-                    send(&mut seq_no, Err(e));
-                }
+                out.flush();
+                out.send(Err(e));
                 break;
             }
         }
@@ -337,30 +404,40 @@ fn reader_loop(
 fn worker_loop(config: StageConfig, rx: Receiver<Work>, tx: Sender<Done>) {
     let mut processor = RecordProcessor::new(config);
     for (seq_no, item) in rx {
-        let out = item.map(|batch| {
-            let mut out = TokenBatch::default();
-            let mut id_start = 0;
-            let mut seq_start = 0;
-            for (&id_end, &seq_end) in batch.id_ends.iter().zip(&batch.seq_ends) {
-                let id = &batch.ids[id_start..id_end];
-                let seq = &batch.seqs[seq_start..seq_end];
-                let mut unknown = 0;
-                processor.process(id, seq, &mut out.stats, &mut |name, residues| {
-                    out.ids.push_str(name);
-                    out.id_ends.push(out.ids.len());
-                    unknown += tokenize(residues, &mut out.tokens);
-                    out.token_ends.push(out.tokens.len());
-                });
-                out.stats.unknown_residues += unknown as u64;
-                id_start = id_end;
-                seq_start = seq_end;
-            }
-            out
+        // A panic here would leave a hole in the sequence numbers and stall the packer: turn it
+        // into an error for this batch instead (the processor's buffers are reset by `load`/`clear`).
+        let out = item.and_then(|batch| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                process_batch(&mut processor, &batch)
+            }))
+            .map_err(|_| DataError::Panic("worker"))
         });
         if tx.send((seq_no, out)).is_err() {
             return;
         }
     }
+}
+
+fn process_batch(processor: &mut RecordProcessor, batch: &RecordBatch) -> TokenBatch {
+    let mut out = TokenBatch::default();
+    let mut id_start = 0;
+    let mut seq_start = 0;
+    for ((&id_end, &seq_end), &part) in batch.id_ends.iter().zip(&batch.seq_ends).zip(&batch.parts)
+    {
+        let id = &batch.ids[id_start..id_end];
+        let seq = &batch.seqs[seq_start..seq_end];
+        let mut unknown = 0;
+        processor.process(id, seq, part, &mut out.stats, &mut |name, residues| {
+            out.ids.push_str(name);
+            out.id_ends.push(out.ids.len());
+            unknown += tokenize(residues, &mut out.tokens);
+            out.token_ends.push(out.tokens.len());
+        });
+        out.stats.unknown_residues += unknown as u64;
+        id_start = id_end;
+        seq_start = seq_end;
+    }
+    out
 }
 
 fn packer_loop(
@@ -594,7 +671,7 @@ impl Iterator for Proteins {
                 if r.seq.is_empty() {
                     return;
                 }
-                processor.process(r.id, r.seq, stats, &mut |name, residues| {
+                processor.process(r.id, r.seq, None, stats, &mut |name, residues| {
                     queue.push_back(ProteinRecord {
                         index: *next_index,
                         id: name.to_string(),

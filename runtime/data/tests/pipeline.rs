@@ -254,3 +254,40 @@ fn virnucpro_compat_drops_ambiguous_codons() {
     assert!(default.contains(&("c1_chunk_1R1".to_string(), "PFXH".to_string())));
     assert!(compat.contains(&("c1_chunk_1R1".to_string(), "PFH".to_string())));
 }
+
+#[test]
+fn long_record_shared_by_workers_matches_the_sequential_view() {
+    // 1.2 Mbp in one record: the reader cuts it into parts at chunk boundaries (several batches),
+    // workers translate parts in parallel; names, indices and residues must equal the uncut path.
+    let dir = tempfile::tempdir().unwrap();
+    let lambda = lambda_seq();
+    let mut text = b">long genome\n".to_vec();
+    for k in 0..25 {
+        // A different rotation each time so that chunks differ.
+        text.extend_from_slice(&lambda[k * 997..]);
+        text.extend_from_slice(&lambda[..k * 997]);
+    }
+    text.extend_from_slice(b"\n>short\nATGGCCAAATGG\n");
+    let input = write(dir.path(), "long.fa", &text);
+    for chunk_len in [300, 500] {
+        let c = PipelineConfig {
+            chunk_len,
+            workers: 3,
+            ..config(vec![input.clone()])
+        };
+        let (packs, report) = run(c.clone());
+        assert_eq!(report.records_read, 2);
+        assert_eq!(report.stages.records_processed, 2);
+        assert_eq!(
+            report.stages.chunks as usize,
+            chunk_count(25 * lambda.len(), chunk_len) + 1
+        );
+        let expected: Vec<_> = proteins(&c).unwrap().map(|p| p.unwrap()).collect();
+        let got = sequences(&packs);
+        assert_eq!(got.len(), expected.len());
+        for ((index, id, tokens), p) in got.iter().zip(&expected) {
+            assert_eq!((*index, id), (p.index, &p.id));
+            assert_eq!(tokens.len(), p.residues.len());
+        }
+    }
+}
