@@ -40,14 +40,37 @@ def flash_varlen_attention(
     """
     global _FLASH_IMPL
     if _FLASH_IMPL is None:
-        try:
-            out = _aten_flash(q, k, v, cu_seqlens, max_seqlen, scale)
-            _FLASH_IMPL = "aten._flash_attention_forward"
-            return out
-        except (TypeError, RuntimeError):
-            _FLASH_IMPL = "torch.nn.attention.varlen.varlen_attn"
-    if _FLASH_IMPL == "aten._flash_attention_forward":
+        # Settle once on an entry point that accepts these (strided q/k/v views of one qkv tensor).
+        tries: list[tuple[str, Callable[[], torch.Tensor]]] = [
+            ("aten", lambda: _aten_flash(q, k, v, cu_seqlens, max_seqlen, scale)),
+            ("aten-contiguous", lambda: _aten_flash(*_contig(q, k, v), cu_seqlens, max_seqlen, scale)),
+            ("varlen_attn", lambda: _public_varlen(*_contig(q, k, v), cu_seqlens, max_seqlen, scale)),
+        ]
+        errors = []
+        for name, call in tries:
+            try:
+                out = call()
+                _FLASH_IMPL = name
+                return out
+            except (TypeError, RuntimeError, ImportError) as exc:
+                errors.append(f"{name}: {exc}")
+        raise RuntimeError("no flash varlen attention in this torch: " + "; ".join(errors))
+    if _FLASH_IMPL == "aten":
         return _aten_flash(q, k, v, cu_seqlens, max_seqlen, scale)
+    if _FLASH_IMPL == "aten-contiguous":
+        return _aten_flash(*_contig(q, k, v), cu_seqlens, max_seqlen, scale)
+    return _public_varlen(*_contig(q, k, v), cu_seqlens, max_seqlen, scale)
+
+
+def _contig(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _public_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
@@ -97,12 +120,19 @@ def pick_attention(device: torch.device, dtype: torch.dtype) -> tuple[str, Atten
 
 @dataclass
 class PackedInputs:
-    """One pack: sequences concatenated, each `<cls> … <eos>`."""
+    """One pack: sequences concatenated, each `<cls> … <eos>`.
+
+    The pooling indices are computed on the host, so that pooling needs no device-to-host round trip
+    (boolean-mask indexing would synchronize the stream on every pack and idle the GPU).
+    """
 
     input_ids: torch.Tensor  # [T] int64
     position_ids: torch.Tensor  # [T] int64, restarting at 0 for each sequence
     cu_seqlens: torch.Tensor  # [B+1] int32
     max_seqlen: int
+    residue_index: torch.Tensor  # [R] int64: the tokens that are residues (no <cls>/<eos>)
+    residue_seq: torch.Tensor  # [R] int64: the sequence each of them belongs to
+    residue_count: torch.Tensor  # [B] float32: residues per sequence (at least 1)
 
     @staticmethod
     def from_token_lists(tokens: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> PackedInputs:
@@ -112,9 +142,11 @@ class PackedInputs:
         cu = [0]
         for n in lengths:
             cu.append(cu[-1] + n)
+        residue_index = [cu[b] + p for b, n in enumerate(lengths) for p in range(1, n - 1)]
+        residue_seq = [b for b, n in enumerate(lengths) for _ in range(1, n - 1)]
         pin = torch.device(device).type == "cuda"
 
-        def make(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        def make(values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
             t = torch.tensor(values, dtype=dtype)
             if pin:
                 t = t.pin_memory()
@@ -125,6 +157,9 @@ class PackedInputs:
             position_ids=make(positions, torch.int64),
             cu_seqlens=make(cu, torch.int32),
             max_seqlen=max(lengths) if lengths else 0,
+            residue_index=make(residue_index, torch.int64),
+            residue_seq=make(residue_seq, torch.int64),
+            residue_count=make([float(max(n - 2, 1)) for n in lengths], torch.float32),
         )
 
 
@@ -246,20 +281,10 @@ class PackedEsm:
     def mean_embeddings(self, batch: PackedInputs) -> torch.Tensor:
         """Mean over residues (no `<cls>`/`<eos>`) of each sequence: [B, H] float32."""
         states = self.hidden_states(batch)
-        return mean_pool_packed(states, batch.position_ids, batch.cu_seqlens)
-
-
-def mean_pool_packed(
-    states: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
-) -> torch.Tensor:
-    """[T, H] packed states → [B, H] fp32 means over residues, `<cls>` (first) and `<eos>` (last) left out."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    b = lengths.shape[0]
-    seg = torch.repeat_interleave(torch.arange(b, device=states.device), lengths)
-    keep = (position_ids > 0) & (position_ids < lengths[seg] - 1)
-    sums = torch.zeros(b, states.shape[1], device=states.device, dtype=torch.float32)
-    sums.index_add_(0, seg[keep], states[keep].float())
-    return sums / (lengths - 2).clamp(min=1).unsqueeze(1).float()
+        b = batch.residue_count.shape[0]
+        sums = torch.zeros(b, states.shape[1], device=states.device, dtype=torch.float32)
+        sums.index_add_(0, batch.residue_seq, states.index_select(0, batch.residue_index).float())
+        return sums / batch.residue_count.unsqueeze(1)
 
 
 def ffd_packs(lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -176,7 +176,12 @@ class TorchPeer:
         pin = self.device.type == "cuda"
         with torch.inference_mode():
             for batch in batches:
-                index = torch.tensor(batch, dtype=torch.int64).to(self.device, non_blocking=True)
+                # Every host-to-device copy from pinned memory: a copy from pageable memory waits for the
+                # stream, which would idle the GPU between batches.
+                index = torch.tensor(batch, dtype=torch.int64)
+                if pin:
+                    index = index.pin_memory()
+                index = index.to(self.device, non_blocking=True)
                 if self.packed is not None:
                     inputs = PackedInputs.from_token_lists([tokens[i] for i in batch], self.device)
                     out[index] = self.packed.mean_embeddings(inputs)

@@ -75,13 +75,28 @@ def test_packed_forward_equals_hf_per_token_and_mean(model, sequences, reference
     assert cos.min() >= 0.99999, cos
 
 
-def test_check_fails_when_positions_do_not_restart(model, sequences, reference):
-    """The comparison can fail: positions running on across the pack (no per-sequence restart)."""
+def test_check_fails_without_rotary_positions(model, sequences, reference):
+    """The comparison can fail: every position 0 (no rotary). (Positions that run on across the pack
+    instead of restarting give the same result up to rounding: rotary attention depends only on relative
+    positions, so that mistake cannot show here; the graph's own tests cover it.)"""
     config, weights = model
     packed = PackedEsm(config, weights, "cpu", torch.float32)
     inputs = PackedInputs.from_token_lists([tokenize(s) for s in sequences])
-    inputs.position_ids = torch.arange(inputs.input_ids.shape[0])
-    inputs.max_seqlen = inputs.input_ids.shape[0]  # rotary tables long enough for the running positions
+    inputs.position_ids = torch.zeros_like(inputs.position_ids)
+    cos = _cosines(packed.mean_embeddings(inputs), _means(reference))
+    assert cos.min() < 0.99999, cos
+
+
+def test_check_fails_when_pooling_keeps_cls_and_eos(model, sequences, reference):
+    config, weights = model
+    packed = PackedEsm(config, weights, "cpu", torch.float32)
+    tokens = [tokenize(s) for s in sequences]
+    inputs = PackedInputs.from_token_lists(tokens)
+    inputs.residue_index = torch.arange(inputs.input_ids.shape[0])
+    inputs.residue_seq = torch.repeat_interleave(
+        torch.arange(len(tokens)), torch.tensor([len(t) for t in tokens])
+    )
+    inputs.residue_count = torch.tensor([float(len(t)) for t in tokens])
     cos = _cosines(packed.mean_embeddings(inputs), _means(reference))
     assert cos.min() < 0.99999, cos
 
