@@ -94,6 +94,14 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_f(r.get('peak_gpu_gib'), '.1f')}{' GiB' if r.get('peak_gpu_gib') is not None else ''} | "
             f"{r['padding_pct']:.1f}% | {cos} | {r['seconds']:.1f} | {load} |"
         )
+    if gpu:
+        lines += [
+            "",
+            "fp32 matrix products: PyTorch defaults (TF32 off) for the HF peers; ONNX Runtime's CUDA "
+            "provider enables TF32 by default (the cosine column shows what that costs). Peak GPU memory: "
+            "device memory in use above the level before the tool's model load (virnuc-trt: its own CUDA "
+            "context included).",
+        ]
     refs = sorted({f"{r['model']}/{r['workload']}: {r['cos_ref']}" for r in doc["rows"] if r.get("cos_ref")})
     if refs:
         lines += ["", "Cosine reference per model/workload: " + "; ".join(refs) + "."]
