@@ -90,7 +90,7 @@ pub fn init(flag: Option<&Path>) -> Result<OrtLibrary> {
             env,
             library: OrtLibrary {
                 path: wanted.clone(),
-                version: version_from_build_info(ort::info()),
+                version: version_of(&wanted, ort::info()),
             },
         })
     });
@@ -119,12 +119,24 @@ pub(crate) fn environment() -> Result<&'static Environment> {
     }
 }
 
-/// `ORT Build Info: git-branch=rel-1.31.1, …` → `1.31.1`.
-fn version_from_build_info(info: &str) -> String {
-    info.split([',', ' '])
-        .find_map(|part| part.strip_prefix("git-branch=rel-"))
-        .map(str::to_string)
-        .unwrap_or_else(|| info.trim().to_string())
+/// The library's version: from its file name (`libonnxruntime.so.1.31.1`, symlinks followed), else
+/// from the build info (`git-branch=rel-1.31.1`), else the build info itself.
+fn version_of(path: &Path, info: &str) -> String {
+    let from_name = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("libonnxruntime.so."))
+            .filter(|v| v.split('.').all(|d| d.parse::<u32>().is_ok()))
+            .map(str::to_string)
+    };
+    from_name(path)
+        .or_else(|| path.canonicalize().ok().and_then(|p| from_name(&p)))
+        .or_else(|| {
+            info.split([',', ' '])
+                .find_map(|part| part.strip_prefix("git-branch=rel-"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| format!("unknown ({})", info.trim()))
 }
 
 #[cfg(test)]
@@ -132,12 +144,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn version_is_read_from_build_info() {
+    fn version_is_read_from_the_file_name_or_build_info() {
+        let info = "ORT Build Info: git-branch=HEAD, git-commit-id=6af1a93, build type=Release";
         assert_eq!(
-            version_from_build_info(
-                "ORT Build Info: git-branch=rel-1.31.1, git-commit-id=abc, build type=Release"
-            ),
+            version_of(Path::new("/x/libonnxruntime.so.1.31.1"), info),
             "1.31.1"
+        );
+        assert_eq!(
+            version_of(
+                Path::new("/nonexistent/libonnxruntime.so"),
+                "ORT Build Info: git-branch=rel-1.30.0, x"
+            ),
+            "1.30.0"
+        );
+        assert!(
+            version_of(Path::new("/nonexistent/libonnxruntime.so"), info).starts_with("unknown")
         );
     }
 

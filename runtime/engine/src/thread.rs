@@ -66,7 +66,8 @@ pub struct EngineThread {
 }
 
 impl EngineThread {
-    /// Opens the engine on a new thread (and warms it up with a pack of `warmup_tokens` if given).
+    /// Opens the engine on a new thread (and, on a GPU provider, warms it up with a pack of
+    /// `warmup_tokens` if given).
     /// Returns once the engine is ready, or with the error that prevented it.
     ///
     /// `queue` is how many packs may wait for the engine; results go to the returned receiver,
@@ -156,7 +157,8 @@ fn run(
         }
     };
     stats.open_s = t0.elapsed().as_secs_f64();
-    if let Some(tokens) = warmup_tokens {
+    // The CPU needs no warm-up (and a GPU-sized pack could take gigabytes with the masked flavor).
+    if let Some(tokens) = warmup_tokens.filter(|_| engine.info().ep != "cpu") {
         let t1 = Instant::now();
         if let Err(e) = engine.warmup(tokens) {
             let msg = e.to_string();

@@ -46,7 +46,9 @@ fn model(flavor: &str, precision: &str) -> PathBuf {
             ])
             .arg(&dir)
             .status()
-            .expect("python not found: `source tools/setup.sh` (the venv) before running these tests");
+            .expect(
+                "python not found: `source tools/setup.sh` (the venv) before running these tests",
+            );
         assert!(status.success(), "exporter failed for {key}");
         done.push(key);
     }
@@ -102,7 +104,11 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
@@ -113,10 +119,10 @@ const LENGTHS: [usize; 9] = [1, 2, 17, 160, 3, 90, 1, 45, 300];
 #[test]
 fn packed_equals_per_sequence_and_virnuc_op_equals_masked() {
     let seqs = proteins(&LENGTHS, 11);
-    let mut masked = open_engine(&EngineOptions::new(model("masked", "fp32"), Ep::Cpu))
-        .expect("masked engine");
-    let mut virnuc = open_engine(&EngineOptions::new(model("virnuc", "fp32"), Ep::Cpu))
-        .expect("virnuc engine");
+    let mut masked =
+        open_engine(&EngineOptions::new(model("masked", "fp32"), Ep::Cpu)).expect("masked engine");
+    let mut virnuc =
+        open_engine(&EngineOptions::new(model("virnuc", "fp32"), Ep::Cpu)).expect("virnuc engine");
     assert_eq!(masked.info().ep, "cpu");
     let h = masked.info().hidden_size;
     let packed_m = masked.embed(&pack(&seqs)).expect("masked packed");
@@ -145,10 +151,10 @@ fn packed_equals_per_sequence_and_virnuc_op_equals_masked() {
 #[test]
 fn fp16_graph_runs_the_fp16_op_close_to_fp32() {
     let seqs = proteins(&[5, 120, 33, 1], 5);
-    let mut f32e = open_engine(&EngineOptions::new(model("virnuc", "fp32"), Ep::Cpu))
-        .expect("fp32");
-    let mut f16e = open_engine(&EngineOptions::new(model("virnuc", "fp16"), Ep::Cpu))
-        .expect("fp16");
+    let mut f32e =
+        open_engine(&EngineOptions::new(model("virnuc", "fp32"), Ep::Cpu)).expect("fp32");
+    let mut f16e =
+        open_engine(&EngineOptions::new(model("virnuc", "fp16"), Ep::Cpu)).expect("fp16");
     let a = f32e.embed(&pack(&seqs)).expect("fp32 run");
     let b = f16e.embed(&pack(&seqs)).expect("fp16 run");
     let h = a.hidden_size;

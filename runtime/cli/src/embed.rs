@@ -1,0 +1,395 @@
+//! `virnuc-trt embed`: FASTA in, HDF5 embeddings out.
+//!
+//! Threads: the data pipeline (reader, workers, packer) feeds this thread, which hands packs to
+//! the engine thread (bounded queue); a writer thread takes results and stores them. So while
+//! the engine computes pack N, pack N+1 is being prepared and pack N−1 written.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use virnuc_data::RunReport;
+use virnuc_engine::{EngineInfo, EngineOptions, EngineThread, EngineThreadStats, Ep};
+use virnuc_output::{EmbeddingWriter, FinishSummary, OutputConfig, OutputError};
+
+use crate::settings::{CPU_TOKS_PER_BATCH, EmbedArgs, EmbedSettings};
+
+/// The JSON run report.
+#[derive(Debug, Serialize)]
+pub struct EmbedReport {
+    pub virnuc_trt_version: &'static str,
+    pub output: PathBuf,
+    pub output_precision: &'static str,
+    pub model: PathBuf,
+    pub model_name: String,
+    pub attention: String,
+    pub model_precision: String,
+    pub random_weights: bool,
+    pub ep: &'static str,
+    pub ep_note: Option<String>,
+    pub onnx_runtime: String,
+    pub onnx_runtime_library: PathBuf,
+    /// Input records read.
+    pub records: u64,
+    /// Sequences in the output (all runs, when resumed).
+    pub sequences: u64,
+    /// Sequences embedded by this run (the rest were done by an interrupted run).
+    pub sequences_this_run: u64,
+    pub packs: u64,
+    /// Tokens embedded by this run, `<cls>`/`<eos>` included.
+    pub tokens: u64,
+    pub residues: u64,
+    /// Σ (budget − pack tokens): what a fixed-shape engine would pad; none is computed here.
+    pub padding_tokens: u64,
+    pub padding_fraction: f64,
+    pub token_budget: usize,
+    /// Whole command, model load included.
+    pub wall_s: f64,
+    pub engine_open_s: f64,
+    pub warmup_s: f64,
+    /// First pack in to last pack out.
+    pub embed_wall_s: f64,
+    /// Tokens / embed_wall_s.
+    pub tokens_per_s: f64,
+    pub sequences_per_s: f64,
+    /// Σ run time / embed wall time: the engine's (GPU's) busy share; idle = 1 − busy.
+    pub engine_busy_fraction: f64,
+    pub engine_idle_fraction: f64,
+    /// Time the engine waited for the next pack (the loader not keeping up).
+    pub engine_starved_s: f64,
+    pub output_bytes: u64,
+    pub shards: usize,
+    pub resumed: bool,
+    /// The data path's own report (every record accounted for).
+    pub data: RunReport,
+}
+
+struct WriterDone {
+    writer: EmbeddingWriter,
+    sequences: u64,
+}
+
+pub fn run(args: &EmbedArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let mut s = EmbedSettings::resolve(args)?;
+    precheck_output(&s)?;
+
+    let mut options = EngineOptions::new(&s.model, s.ep);
+    options.ort_lib = s.ort_lib.clone();
+    options.device_id = s.device;
+    options.intra_threads = s.threads;
+    options.per_token = s.per_token;
+    options.skip_hash = s.skip_hash;
+    options.trt_cache_dir = s.trt_cache.clone();
+    // Warm up at the largest pack on GPUs (allocations, kernel choices); the CPU needs none.
+    let warmup = (s.ep != Ep::Cpu).then_some(s.toks_per_batch);
+    let (engine, results) = EngineThread::spawn(options, warmup, s.prefetch)
+        .with_context(|| format!("cannot open model {}", s.model.display()))?;
+    let info = engine.info().clone();
+    if info.ep == "cpu" && !s.toks_per_batch_set {
+        // `auto` ended on the CPU: use the CPU's budget (attention memory grows with the pack).
+        s.toks_per_batch = CPU_TOKS_PER_BATCH;
+    }
+    if let Some(note) = &info.ep_note {
+        eprintln!("virnuc-trt: {note}");
+    }
+    if info.metadata.random_weights {
+        eprintln!(
+            "virnuc-trt: note: {} has RANDOM weights (a test/demo export): the embeddings mean nothing",
+            s.model.display()
+        );
+    }
+
+    let output = OutputConfig {
+        path: s.out.clone(),
+        hidden_size: info.hidden_size,
+        per_token: s.per_token,
+        dtype: s.precision.dtype(),
+        attributes: attributes(&s, &info)?,
+        resume: s.resume,
+        shard_sequences: s.shard_sequences,
+    };
+    let writer = match EmbeddingWriter::open(output) {
+        Ok(w) => w,
+        Err(OutputError::AlreadyComplete { path }) => {
+            eprintln!(
+                "virnuc-trt: {} is already complete; nothing to resume",
+                path.display()
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("cannot open the output"),
+    };
+    let resumed = writer.resume_info().sequences_done > 0;
+    if resumed {
+        let r = writer.resume_info();
+        eprintln!(
+            "virnuc-trt: resuming: {} sequences already done ({} shards kept, {} discarded)",
+            r.sequences_done,
+            r.shards_kept,
+            r.discarded.len()
+        );
+    }
+    let mut pipeline_config = s.pipeline();
+    pipeline_config.skip = Some(writer.done());
+    let mut pipeline = virnuc_data::start(pipeline_config).context("cannot start reading")?;
+
+    let progress = progress_bar(s.quiet);
+    let writer_progress = progress.clone();
+    let writer_thread = std::thread::Builder::new()
+        .name("virnuc-writer".into())
+        .spawn(move || -> Result<WriterDone> {
+            let mut writer = writer;
+            let mut sequences = 0u64;
+            let mut tokens = 0u64;
+            let start = Instant::now();
+            for r in results.iter() {
+                let r = r.map_err(|e| anyhow!(e))?;
+                let states = r
+                    .embeddings
+                    .hidden
+                    .as_deref()
+                    .map(|h| (h, r.batch.cu_seqlens.as_slice()));
+                writer
+                    .write_pack(&r.batch.sequences, &r.embeddings.mean, states)
+                    .with_context(|| {
+                        format!(
+                            "cannot write the pack starting with {}",
+                            r.batch.sequences[0].id
+                        )
+                    })?;
+                sequences += r.batch.num_sequences() as u64;
+                tokens += r.batch.num_tokens() as u64;
+                let secs = start.elapsed().as_secs_f64().max(1e-9);
+                writer_progress.set_position(sequences);
+                writer_progress.set_message(format!(
+                    "{tokens} tokens, {:.0} tokens/s",
+                    tokens as f64 / secs
+                ));
+            }
+            Ok(WriterDone { writer, sequences })
+        })
+        .context("cannot start the writer thread")?;
+
+    // Feed the engine. A failure downstream closes its queue: stop feeding and report that error.
+    let mut feed_error = None;
+    for pack in pipeline.by_ref() {
+        match pack {
+            Ok(p) => {
+                if engine.submit(p).is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                feed_error = Some(anyhow!(e).context("reading the input failed"));
+                break;
+            }
+        }
+    }
+    let engine_stats = engine.finish();
+    let written = writer_thread
+        .join()
+        .map_err(|_| anyhow!("the writer thread panicked"))?;
+    progress.finish_and_clear();
+    let data = pipeline.finish();
+    // The first failure in flow order is the cause; later ones are its consequences.
+    let done = match (written, engine_stats, feed_error) {
+        (_, _, Some(e)) => return Err(e),
+        (Err(e), _, _) => return Err(e),
+        (_, Err(e), _) => return Err(anyhow!(e).context("inference failed")),
+        (Ok(w), Ok(stats), None) => (w, stats),
+    };
+    let data = data.context("reading the input failed")?;
+    finish(&s, &info, done.0, done.1, data, t0, resumed)
+}
+
+/// Refuses an output that exists (without --resume) or cannot be written, before the model loads.
+fn precheck_output(s: &EmbedSettings) -> Result<()> {
+    if s.out.is_dir() {
+        bail!(
+            "output {} is a folder; give a .h5 file path",
+            s.out.display()
+        );
+    }
+    if s.out.exists() && !s.resume {
+        bail!(
+            "{} already exists; refusing to overwrite it (remove it or choose another output; \
+             --resume only continues an interrupted run)",
+            s.out.display()
+        );
+    }
+    let parent = match s.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "cannot write output {}: folder {} does not exist",
+            s.out.display(),
+            parent.display()
+        );
+    }
+    // A probe file tells writability for real (permissions, read-only mounts, ACLs).
+    let probe = parent.join(format!(".virnuc-trt-probe-{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => bail!("cannot write output {}: {e}", s.out.display()),
+    }
+}
+
+/// HDF5 attributes: model metadata and run settings. No times or host names, so equal runs give
+/// equal files (and a resumed run can check that it continues the same run).
+fn attributes(s: &EmbedSettings, info: &EngineInfo) -> Result<Vec<(String, String)>> {
+    let meta = &info.metadata;
+    Ok(vec![
+        (
+            "virnuc_trt_version".into(),
+            env!("CARGO_PKG_VERSION").into(),
+        ),
+        ("model_name".into(), meta.model.name.clone()),
+        ("model_attention".into(), meta.attention.clone()),
+        ("model_precision".into(), meta.precision.clone()),
+        ("model_onnx_sha256".into(), meta.onnx_sha256.clone()),
+        ("random_weights".into(), meta.random_weights.to_string()),
+        (
+            "model_metadata".into(),
+            serde_json::to_string(meta).context("model metadata")?,
+        ),
+        ("precision".into(), s.precision.as_str().into()),
+        ("ep".into(), info.ep.into()),
+        ("onnx_runtime_version".into(), info.ort_version.clone()),
+        ("mode".into(), s.mode.as_str().into()),
+        ("chunk_len".into(), s.chunk.to_string()),
+        ("max_residues".into(), s.max_residues.to_string()),
+        (
+            "long_policy".into(),
+            serde_json::to_value(s.long)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        ),
+        ("virnucpro_compat".into(), s.virnucpro_compat.to_string()),
+    ])
+}
+
+fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {pos} sequences, {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+fn finish(
+    s: &EmbedSettings,
+    info: &EngineInfo,
+    done: WriterDone,
+    stats: EngineThreadStats,
+    data: RunReport,
+    t0: Instant,
+    resumed: bool,
+) -> Result<()> {
+    let expected = data.stages.sequences;
+    let summary: FinishSummary = done
+        .writer
+        .finish(expected)
+        .with_context(|| format!("cannot finish {}", s.out.display()))?;
+    let p = &data.packing;
+    let padding_fraction = if p.tokens + p.unused_budget > 0 {
+        p.unused_budget as f64 / (p.tokens + p.unused_budget) as f64
+    } else {
+        0.0
+    };
+    let busy = stats.busy_fraction();
+    let report = EmbedReport {
+        virnuc_trt_version: env!("CARGO_PKG_VERSION"),
+        output: summary.path.clone(),
+        output_precision: s.precision.as_str(),
+        model: info.model_path.clone(),
+        model_name: info.metadata.model.name.clone(),
+        attention: info.metadata.attention.clone(),
+        model_precision: info.metadata.precision.clone(),
+        random_weights: info.metadata.random_weights,
+        ep: info.ep,
+        ep_note: info.ep_note.clone(),
+        onnx_runtime: info.ort_version.clone(),
+        onnx_runtime_library: info.ort_library.clone(),
+        records: data.records_read,
+        sequences: summary.sequences,
+        sequences_this_run: done.sequences,
+        packs: stats.packs,
+        tokens: stats.tokens,
+        residues: p.residues,
+        padding_tokens: p.unused_budget,
+        padding_fraction,
+        token_budget: s.toks_per_batch,
+        wall_s: t0.elapsed().as_secs_f64(),
+        engine_open_s: stats.open_s,
+        warmup_s: stats.warmup_s,
+        embed_wall_s: stats.wall_s,
+        tokens_per_s: rate(stats.tokens, stats.wall_s),
+        sequences_per_s: rate(stats.sequences, stats.wall_s),
+        engine_busy_fraction: busy,
+        engine_idle_fraction: if stats.packs > 0 { 1.0 - busy } else { 0.0 },
+        engine_starved_s: stats.starved_s,
+        output_bytes: summary.bytes,
+        shards: summary.shards,
+        resumed,
+        data,
+    };
+    eprintln!(
+        "virnuc-trt: wrote {} sequences to {} ({} on {}, {:.0} tokens/s, engine busy {:.1}%)",
+        summary.sequences,
+        summary.path.display(),
+        report.model_name,
+        report.ep,
+        report.tokens_per_s,
+        100.0 * busy
+    );
+    let json = serde_json::to_string_pretty(&report).context("run report")?;
+    match &s.report {
+        Some(path) => write_atomic(path, json.as_bytes())
+            .with_context(|| format!("cannot write the run report {}", path.display())),
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(json.as_bytes())?;
+            out.write_all(b"\n")?;
+            out.flush()?;
+            Ok(())
+        }
+    }
+}
+
+fn rate(n: u64, secs: f64) -> f64 {
+    if secs > 0.0 { n as f64 / secs } else { 0.0 }
+}
+
+/// Temp file beside the target, then rename: readers never see a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

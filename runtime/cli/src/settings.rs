@@ -1,0 +1,374 @@
+//! Command-line flags, the YAML run config, and their merge (flag > YAML > default).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Deserialize;
+use virnuc_data::{LongPolicy, Mode, PipelineConfig};
+use virnuc_engine::Ep;
+use virnuc_output::OutputDtype;
+
+/// Default pack budget on GPUs (the budget of the reference figures).
+pub const GPU_TOKS_PER_BATCH: usize = 16384;
+/// Default pack budget on the CPU: the `masked` flavor's attention takes O(T²) memory per pack.
+pub const CPU_TOKS_PER_BATCH: usize = 2048;
+
+/// A usage error: exits with status 2, like clap's own.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+pub fn usage<T>(msg: impl Into<String>) -> Result<T> {
+    Err(UsageError(msg.into()).into())
+}
+
+/// How inputs become proteins: shared by `embed` and `translate`.
+#[derive(Debug, Clone, Args, Default)]
+pub struct DataArgs {
+    /// What the inputs hold: `nucleotide` (VirNucPro: chunk, six-frame translate, keep stop-free
+    /// frames) or `protein` (straight to the tokenizer). [default: nucleotide]
+    #[arg(long, value_name = "MODE", env = "VIRNUC_MODE")]
+    pub mode: Option<Mode>,
+    /// Nucleotide chunk length in bp (VirNucPro uses 300 or 500). [default: 500]
+    #[arg(long, value_name = "BP", env = "VIRNUC_CHUNK")]
+    pub chunk: Option<usize>,
+    /// Residues kept per sequence, `<cls>`/`<eos>` excluded (fair-esm truncates at 1022). [default: 1022]
+    #[arg(long, value_name = "N")]
+    pub max_residues: Option<usize>,
+    /// Sequences longer than --max-residues: `truncate`, `split` into windows, or `skip`. [default: truncate]
+    #[arg(long, value_name = "POLICY")]
+    pub long: Option<LongPolicy>,
+    /// Reproduce VirNucPro exactly: drop ambiguous codons (shifting the frame) instead of `X`.
+    #[arg(long)]
+    pub virnucpro_compat: bool,
+}
+
+/// Flags of `virnuc-trt embed`.
+#[derive(Debug, Clone, Args)]
+pub struct EmbedArgs {
+    /// FASTA/FASTQ files (plain, .gz, .zst, .bz2); `-` reads standard input.
+    #[arg(value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// Exported model: a folder with model.onnx + model.json, or a .onnx file with its .json.
+    #[arg(long, short = 'm', value_name = "DIR|FILE", env = "VIRNUC_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Output HDF5 file (written atomically; `<OUT>.partial/` holds work in progress).
+    #[arg(long, short = 'o', value_name = "FILE.h5")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Token budget of a pack, special tokens included. [default: 16384; 2048 on the CPU]
+    #[arg(long, value_name = "N", env = "VIRNUC_TOKS_PER_BATCH")]
+    pub toks_per_batch: Option<usize>,
+    /// Translation/tokenization threads (0 = one per core). [default: 0]
+    #[arg(long, value_name = "N", env = "VIRNUC_WORKERS")]
+    pub workers: Option<usize>,
+    /// Packs prepared ahead of the engine. [default: 4]
+    #[arg(long, value_name = "N", env = "VIRNUC_PREFETCH")]
+    pub prefetch: Option<usize>,
+    /// Execution provider: `cpu`, `cuda`, `tensorrt`, or `auto` (CUDA when usable, else CPU, said so).
+    /// An asked provider that cannot be used is an error, never a silent CPU run. [default: auto]
+    #[arg(long, value_name = "EP", env = "VIRNUC_EP")]
+    pub ep: Option<Ep>,
+    /// GPU to use.
+    #[arg(long, value_name = "N", env = "CUDA_DEVICE_ORDINAL")]
+    pub device: Option<i32>,
+    /// Element type of the stored embeddings: `fp32` or `fp16` (the model's own precision is fixed
+    /// at export). [default: fp32]
+    #[arg(long, value_name = "fp32|fp16")]
+    pub precision: Option<Precision>,
+    /// Also store per-token states (the model must be exported with `--per-token`).
+    #[arg(long)]
+    pub per_token: bool,
+    /// Continue an interrupted run of the same command (after a crash or kill): done sequences are
+    /// skipped, the final file is the same as an uninterrupted run's.
+    #[arg(long)]
+    pub resume: bool,
+    /// YAML run config with any of these settings (flags override it); see `virnuc-trt embed --help`.
+    #[arg(long, value_name = "run.yaml")]
+    pub config: Option<PathBuf>,
+    /// Write the JSON run report here (default: standard output).
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
+    /// ONNX Runtime shared library (else $ORT_DYLIB_PATH, else /opt/onnxruntime-gpu/lib, else next
+    /// to the binary).
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads on the CPU provider (0 = ONNX Runtime's choice).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// TensorRT engine and timing cache folder.
+    #[arg(long, value_name = "DIR")]
+    pub trt_cache: Option<PathBuf>,
+    /// Sequences per output shard (the work lost to a crash). [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub shard_sequences: Option<usize>,
+    /// Skip the sha256 check of model.onnx against model.json (large models, trusted files).
+    #[arg(long)]
+    pub skip_hash: bool,
+    /// No progress bar (it is also hidden when standard error is not a terminal).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// Output element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Fp16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> OutputDtype {
+        match self {
+            Precision::Fp32 => OutputDtype::F32,
+            Precision::Fp16 => OutputDtype::F16,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+        }
+    }
+}
+
+/// The YAML run config: the same settings as the flags, by their long names with `_`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub inputs: Option<Vec<PathBuf>>,
+    pub model: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub mode: Option<Mode>,
+    pub chunk: Option<usize>,
+    pub max_residues: Option<usize>,
+    pub long: Option<LongPolicy>,
+    pub virnucpro_compat: Option<bool>,
+    pub toks_per_batch: Option<usize>,
+    pub workers: Option<usize>,
+    pub prefetch: Option<usize>,
+    pub ep: Option<String>,
+    pub device: Option<i32>,
+    pub precision: Option<Precision>,
+    pub per_token: Option<bool>,
+    pub resume: Option<bool>,
+    pub report: Option<PathBuf>,
+    pub ort_lib: Option<PathBuf>,
+    pub threads: Option<usize>,
+    pub trt_cache: Option<PathBuf>,
+    pub shard_sequences: Option<usize>,
+    pub skip_hash: Option<bool>,
+}
+
+impl RunConfig {
+    /// Reads a config; relative paths in it are taken relative to the config file's folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read run config {}", path.display()))?;
+        let mut c: RunConfig = match serde_saphyr::from_str(&text) {
+            Ok(c) => c,
+            Err(e) => return usage(format!("{} is not a valid run config: {e}", path.display())),
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && p.as_os_str() != "-" {
+                *p = base.join(&*p);
+            }
+        };
+        c.inputs.iter_mut().flatten().for_each(fix);
+        for p in [
+            &mut c.model,
+            &mut c.out,
+            &mut c.report,
+            &mut c.ort_lib,
+            &mut c.trt_cache,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+        Ok(c)
+    }
+}
+
+/// Everything `embed` runs with, after the merge.
+#[derive(Debug, Clone)]
+pub struct EmbedSettings {
+    pub inputs: Vec<PathBuf>,
+    pub model: PathBuf,
+    pub out: PathBuf,
+    pub mode: Mode,
+    pub chunk: usize,
+    pub max_residues: usize,
+    pub long: LongPolicy,
+    pub virnucpro_compat: bool,
+    pub toks_per_batch: usize,
+    /// The budget was given (flag or YAML), not defaulted.
+    pub toks_per_batch_set: bool,
+    pub workers: usize,
+    pub prefetch: usize,
+    pub ep: Ep,
+    pub device: i32,
+    pub precision: Precision,
+    pub per_token: bool,
+    pub resume: bool,
+    pub report: Option<PathBuf>,
+    pub ort_lib: Option<PathBuf>,
+    pub threads: usize,
+    pub trt_cache: Option<PathBuf>,
+    pub shard_sequences: usize,
+    pub skip_hash: bool,
+    pub quiet: bool,
+}
+
+impl EmbedSettings {
+    pub fn resolve(args: &EmbedArgs) -> Result<Self> {
+        let c = match &args.config {
+            Some(p) => RunConfig::load(p)?,
+            None => RunConfig::default(),
+        };
+        let inputs = if args.inputs.is_empty() {
+            c.inputs.clone().unwrap_or_default()
+        } else {
+            args.inputs.clone()
+        };
+        if inputs.is_empty() {
+            return usage("no input files (give INPUT... or `inputs:` in --config)");
+        }
+        let Some(model) = args.model.clone().or(c.model.clone()) else {
+            return usage("--model is required (an exported model folder or .onnx file)");
+        };
+        let Some(out) = args.out.clone().or(c.out.clone()) else {
+            return usage("--out is required (the .h5 file to write)");
+        };
+        let ep = match (args.ep, &c.ep) {
+            (Some(ep), _) => ep,
+            (None, Some(s)) => match s.parse() {
+                Ok(ep) => ep,
+                Err(e) => return usage(e),
+            },
+            (None, None) => Ep::Auto,
+        };
+        let default_budget = if ep == Ep::Cpu {
+            CPU_TOKS_PER_BATCH
+        } else {
+            GPU_TOKS_PER_BATCH
+        };
+        let chunk = args.data.chunk.or(c.chunk).unwrap_or(500);
+        let settings = Self {
+            inputs,
+            model,
+            out,
+            mode: args.data.mode.or(c.mode).unwrap_or_default(),
+            chunk,
+            max_residues: args.data.max_residues.or(c.max_residues).unwrap_or(1022),
+            long: args.data.long.or(c.long).unwrap_or_default(),
+            virnucpro_compat: args.data.virnucpro_compat || c.virnucpro_compat.unwrap_or(false),
+            toks_per_batch: args
+                .toks_per_batch
+                .or(c.toks_per_batch)
+                .unwrap_or(default_budget),
+            toks_per_batch_set: args.toks_per_batch.or(c.toks_per_batch).is_some(),
+            workers: args.workers.or(c.workers).unwrap_or(0),
+            prefetch: args.prefetch.or(c.prefetch).unwrap_or(4),
+            ep,
+            device: args.device.or(c.device).unwrap_or(0),
+            precision: args.precision.or(c.precision).unwrap_or(Precision::Fp32),
+            per_token: args.per_token || c.per_token.unwrap_or(false),
+            resume: args.resume || c.resume.unwrap_or(false),
+            report: args.report.clone().or(c.report.clone()),
+            ort_lib: args.ort_lib.clone().or(c.ort_lib.clone()),
+            threads: args.threads.or(c.threads).unwrap_or(0),
+            trt_cache: args.trt_cache.clone().or(c.trt_cache.clone()),
+            shard_sequences: args.shard_sequences.or(c.shard_sequences).unwrap_or(4096),
+            skip_hash: args.skip_hash || c.skip_hash.unwrap_or(false),
+            quiet: args.quiet,
+        };
+        if settings.toks_per_batch < 3 || settings.prefetch == 0 || settings.shard_sequences == 0 {
+            return usage("--toks-per-batch must be ≥ 3, --prefetch and --shard-sequences ≥ 1");
+        }
+        if settings.chunk < 3 {
+            return usage("--chunk must be at least 3 bp");
+        }
+        Ok(settings)
+    }
+
+    pub fn pipeline(&self) -> PipelineConfig {
+        PipelineConfig {
+            inputs: self.inputs.clone(),
+            mode: self.mode,
+            chunk_len: self.chunk,
+            virnucpro_compat: self.virnucpro_compat,
+            max_residues: self.max_residues,
+            long: self.long,
+            token_budget: self.toks_per_batch,
+            workers: self.workers,
+            prefetch: self.prefetch,
+            ..PipelineConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: EmbedArgs,
+    }
+
+    fn parse(args: &[&str]) -> EmbedArgs {
+        T::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .expect("parses")
+            .a
+    }
+
+    #[test]
+    fn flags_override_yaml_and_yaml_paths_are_relative_to_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("run.yaml");
+        std::fs::write(
+            &cfg,
+            "inputs: [a.fa]\nmodel: m\nout: o.h5\nmode: protein\ntoks_per_batch: 100\nep: cpu\n",
+        )
+        .expect("write");
+        let s = EmbedSettings::resolve(&parse(&[
+            "--config",
+            cfg.to_str().expect("utf8"),
+            "--toks-per-batch",
+            "200",
+        ]))
+        .expect("resolves");
+        assert_eq!(s.inputs, vec![dir.path().join("a.fa")]);
+        assert_eq!(s.model, dir.path().join("m"));
+        assert_eq!(s.mode, Mode::Protein);
+        assert_eq!(s.toks_per_batch, 200);
+        assert_eq!(s.ep, Ep::Cpu);
+    }
+
+    #[test]
+    fn unknown_yaml_keys_and_missing_settings_are_usage_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("run.yaml");
+        std::fs::write(&cfg, "toks_per_btach: 5\n").expect("write");
+        let e = EmbedSettings::resolve(&parse(&["--config", cfg.to_str().expect("utf8")]))
+            .expect_err("typo");
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
+        let e = EmbedSettings::resolve(&parse(&["x.fa", "--out", "o.h5"])).expect_err("no model");
+        assert!(e.to_string().contains("--model"), "{e}");
+    }
+}

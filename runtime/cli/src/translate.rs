@@ -1,0 +1,67 @@
+//! `virnuc-trt translate`: the proteins `embed` would send to the model, as FASTA.
+//!
+//! Same chunking, translation, frame filter, long-sequence policy, names and order as `embed`
+//! (both go through virnuc-data), so tests can feed exactly these sequences to a reference model.
+
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow};
+use clap::Args;
+use virnuc_data::PipelineConfig;
+
+use crate::settings::{DataArgs, usage};
+
+/// Flags of `virnuc-trt translate`.
+#[derive(Debug, Clone, Args)]
+pub struct TranslateArgs {
+    /// FASTA/FASTQ files (plain, .gz, .zst, .bz2); `-` reads standard input.
+    #[arg(value_name = "INPUT", required = true)]
+    pub inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output FASTA (default: standard output). Written to a temp file and renamed.
+    #[arg(long, short = 'o', value_name = "FILE.fa")]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: &TranslateArgs) -> Result<()> {
+    let config = PipelineConfig {
+        inputs: args.inputs.clone(),
+        mode: args.data.mode.unwrap_or_default(),
+        chunk_len: args.data.chunk.unwrap_or(500),
+        virnucpro_compat: args.data.virnucpro_compat,
+        max_residues: args.data.max_residues.unwrap_or(1022),
+        long: args.data.long.unwrap_or_default(),
+        ..PipelineConfig::default()
+    };
+    if config.chunk_len < 3 {
+        return usage("--chunk must be at least 3 bp");
+    }
+    let proteins = virnuc_data::proteins(&config).context("cannot read the input")?;
+    let mut text = Vec::new();
+    let write = |w: &mut dyn Write| -> Result<u64> {
+        let mut n = 0;
+        for p in proteins {
+            let p = p.map_err(|e| anyhow!(e))?;
+            writeln!(w, ">{}\n{}", p.id, p.residues)?;
+            n += 1;
+        }
+        w.flush()?;
+        Ok(n)
+    };
+    match &args.out {
+        None => {
+            let stdout = std::io::stdout();
+            let mut w = BufWriter::new(stdout.lock());
+            write(&mut w)?;
+        }
+        Some(path) => {
+            let n = write(&mut text)?;
+            crate::embed::write_atomic(path, &text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("virnuc-trt: wrote {n} proteins to {}", path.display());
+        }
+    }
+    Ok(())
+}
