@@ -26,6 +26,10 @@ use virnuc_core::{ModelMetadata, PackedBatch};
 
 pub mod custom_op;
 pub mod manifest;
+pub mod autotune;
+mod cuda_graph;
+pub mod engine_build;
+pub mod trt_config;
 mod model;
 mod ort_engine;
 pub mod runtime;
