@@ -108,10 +108,24 @@ pub enum FrameOutcome {
     Empty,
 }
 
+/// Amino acid by `64·b1 + 8·b2 + b3` over base codes 0..=4: the standard code for `ACGT` codons,
+/// 0 for a codon holding code 4 (anything else). One lookup, no branch on ambiguity.
+static CODON_LUT: [u8; 512] = {
+    let mut t = [0u8; 512];
+    let mut i = 0;
+    while i < 64 {
+        t[(i >> 4) << 6 | ((i >> 2) & 3) << 3 | (i & 3)] = CODON_TABLE[i];
+        i += 1;
+    }
+    t
+};
+
 /// Reusable buffers for translating chunks without allocating per chunk.
 #[derive(Debug, Default)]
 pub struct Translator {
+    /// Base codes of the chunk, and of its reverse complement.
     codes: Vec<u8>,
+    rc: Vec<u8>,
     /// Protein of the last frame translated.
     pub protein: Vec<u8>,
 }
@@ -125,54 +139,66 @@ impl Translator {
         };
         self.codes.clear();
         self.codes.extend(chunk.iter().map(|&b| lut[b as usize]));
+        // Complement of code x < 4 is 3 - x; 4 (other) stays 4, as VirNucPro leaves N as N.
+        self.rc.clear();
+        self.rc.extend(
+            self.codes
+                .iter()
+                .rev()
+                .map(|&x| if x < 4 { 3 - x } else { 4 }),
+        );
+        self.protein.reserve(chunk.len() / 3 + 1);
     }
 
     /// Translates one frame of the loaded chunk into `self.protein`; stops at the first stop codon.
-    /// Returns the outcome and the number of codons with a character other than `ACGT`.
+    /// Returns the outcome and the number of codons with a character other than `ACGT` (read up to
+    /// the stop).
     pub fn frame(&mut self, frame: Frame, ambiguity: Ambiguity) -> (FrameOutcome, usize) {
+        self.translate(frame, ambiguity, true)
+    }
+
+    fn translate(
+        &mut self,
+        frame: Frame,
+        ambiguity: Ambiguity,
+        stop_early: bool,
+    ) -> (FrameOutcome, usize) {
         self.protein.clear();
-        let codes = &self.codes;
-        let len = codes.len();
-        let mut i = frame.offset();
+        let codes = if frame.reverse() {
+            &self.rc
+        } else {
+            &self.codes
+        };
+        let codes = codes.get(frame.offset()..).unwrap_or_default();
         let mut ambiguous = 0;
-        let reverse = frame.reverse();
-        while i + 2 < len {
-            let (a, b, c) = if reverse {
-                // Reverse-complement position i is the complement of forward position len-1-i;
-                // complement of code x < 4 is 3 - x, and 4 (other) stays 4.
-                (
-                    comp(codes[len - 1 - i]),
-                    comp(codes[len - 2 - i]),
-                    comp(codes[len - 3 - i]),
-                )
-            } else {
-                (codes[i], codes[i + 1], codes[i + 2])
-            };
-            i += 3;
-            if (a | b | c) & 4 != 0 {
+        let mut stopped = false;
+        for codon in codes.chunks_exact(3) {
+            let aa = CODON_LUT
+                [usize::from(codon[0]) << 6 | usize::from(codon[1]) << 3 | usize::from(codon[2])];
+            if aa == 0 {
                 ambiguous += 1;
                 if ambiguity == Ambiguity::X {
                     self.protein.push(b'X');
                 }
                 continue;
             }
-            let aa = CODON_TABLE[usize::from(a) << 4 | usize::from(b) << 2 | usize::from(c)];
             if aa == b'*' {
-                return (FrameOutcome::Stop, ambiguous);
+                stopped = true;
+                if stop_early {
+                    break;
+                }
             }
             self.protein.push(aa);
         }
-        if self.protein.is_empty() {
-            (FrameOutcome::Empty, ambiguous)
+        let outcome = if stopped {
+            FrameOutcome::Stop
+        } else if self.protein.is_empty() {
+            FrameOutcome::Empty
         } else {
-            (FrameOutcome::Kept, ambiguous)
-        }
+            FrameOutcome::Kept
+        };
+        (outcome, ambiguous)
     }
-}
-
-#[inline(always)]
-fn comp(x: u8) -> u8 {
-    if x < 4 { 3 - x } else { 4 }
 }
 
 /// All six frames of `chunk`, full translations (stops included, as `*`), for tests and tools.
@@ -180,31 +206,8 @@ pub fn six_frames_full(chunk: &[u8], ambiguity: Ambiguity) -> [Vec<u8>; 6] {
     let mut t = Translator::default();
     t.load(chunk, ambiguity);
     Frame::ALL.map(|f| {
-        // Re-run without early exit: translate codon by codon.
-        let codes = &t.codes;
-        let len = codes.len();
-        let mut out = Vec::new();
-        let mut i = f.offset();
-        while i + 2 < len {
-            let (a, b, c) = if f.reverse() {
-                (
-                    comp(codes[len - 1 - i]),
-                    comp(codes[len - 2 - i]),
-                    comp(codes[len - 3 - i]),
-                )
-            } else {
-                (codes[i], codes[i + 1], codes[i + 2])
-            };
-            i += 3;
-            if (a | b | c) & 4 != 0 {
-                if ambiguity == Ambiguity::X {
-                    out.push(b'X');
-                }
-            } else {
-                out.push(CODON_TABLE[usize::from(a) << 4 | usize::from(b) << 2 | usize::from(c)]);
-            }
-        }
-        out
+        t.translate(f, ambiguity, false);
+        t.protein.clone()
     })
 }
 

@@ -16,9 +16,9 @@ meta="$out/metagenome_1g.fa"
 run() {
   # One JSON line per run, with /usr/bin/time's peak RSS and CPU share appended.
   local json
-  json=$(/usr/bin/time -f '%M %P' -o "$out/time.txt" "$bench" "$@")
-  read -r rss cpu < "$out/time.txt"
-  echo "${json%\}},\"time_max_rss_kib\":$rss,\"cpu\":\"$cpu\"}"
+  json=$(/usr/bin/time -f '%M %P %U %S' -o "$out/time.txt" "$bench" "$@")
+  read -r rss cpu user sys < "$out/time.txt"
+  echo "${json%\}},\"time_max_rss_kib\":$rss,\"cpu\":\"$cpu\",\"cpu_seconds\":$(awk "BEGIN{print $user + $sys}")}"
 }
 echo "# $(date -u +%FT%TZ) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
