@@ -7,7 +7,9 @@ use virnuc_core::PackedBatch;
 use virnuc_data::{PipelineConfig, RunReport};
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 /// The lambda genome sequence (48,502 bp), from the fixture.
@@ -40,7 +42,11 @@ pub fn sequences(packs: &[PackedBatch]) -> Vec<(u64, String, Vec<i64>)> {
     for p in packs {
         for (i, s) in p.sequences.iter().enumerate() {
             let r = p.token_range(i);
-            out.push((s.index, s.id.clone(), p.input_ids[r.start + 1..r.end - 1].to_vec()));
+            out.push((
+                s.index,
+                s.id.clone(),
+                p.input_ids[r.start + 1..r.end - 1].to_vec(),
+            ));
         }
     }
     out.sort_by_key(|s| s.0);
