@@ -13,11 +13,19 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let config = PipelineConfig {
-        mode: if knobs & 1 == 0 { Mode::Nucleotide } else { Mode::Protein },
+        mode: if knobs & 1 == 0 {
+            Mode::Nucleotide
+        } else {
+            Mode::Protein
+        },
         virnucpro_compat: knobs & 2 != 0,
         chunk_len: [3, 7, 300, 500][usize::from(knobs >> 2 & 3)],
-        long: [LongPolicy::Split, LongPolicy::Truncate, LongPolicy::Skip, LongPolicy::Split]
-            [usize::from(knobs >> 4 & 3)],
+        long: [
+            LongPolicy::Split,
+            LongPolicy::Truncate,
+            LongPolicy::Skip,
+            LongPolicy::Split,
+        ][usize::from(knobs >> 4 & 3)],
         max_residues: if knobs & 64 != 0 { 5 } else { 1022 },
         ..PipelineConfig::default()
     };
@@ -25,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(proteins) = proteins_from(vec![input], &config) else {
         return;
     };
-    let mut packer = Packer::new(PackerConfig { budget: 64, max_seqs: Some(7), window: 5 });
+    let mut packer = Packer::new(PackerConfig {
+        budget: 64,
+        max_seqs: Some(7),
+        window: 5,
+    });
     let mut packs = Vec::new();
     let mut expected = 0u64;
     for item in proteins {
@@ -37,16 +49,27 @@ fuzz_target!(|data: &[u8]| {
         assert!(p.residues.chars().count() <= config.max_residues);
         let mut tokens = Vec::new();
         tokenize(p.residues.as_bytes(), &mut tokens);
-        assert!(tokens.iter().all(|&t| (t as usize) < alphabet::TOKENS.len()));
+        assert!(
+            tokens
+                .iter()
+                .all(|&t| (t as usize) < alphabet::TOKENS.len())
+        );
         if config.mode == Mode::Nucleotide {
             assert!(p.id.contains("_chunk_"));
             assert!(!p.residues.contains('*'));
         }
-        let meta = virnuc_core::SequenceMeta { index: p.index, id: p.id, residues: 0 };
+        let meta = virnuc_core::SequenceMeta {
+            index: p.index,
+            id: p.id,
+            residues: 0,
+        };
         packer.push(PackItem { meta, tokens }, &mut packs);
     }
     packer.finish(&mut packs);
-    let mut seen: Vec<u64> = packs.iter().flat_map(|b| b.sequences.iter().map(|s| s.index)).collect();
+    let mut seen: Vec<u64> = packs
+        .iter()
+        .flat_map(|b| b.sequences.iter().map(|s| s.index))
+        .collect();
     seen.sort_unstable();
     assert_eq!(seen, (0..expected).collect::<Vec<_>>());
     for b in &packs {
