@@ -35,6 +35,10 @@ for s in "${steps[@]}"; do
     control) python3 "$py" control 2>&1 | tee "$out/control.txt" || status=1 ;;
     sanitize) sanitize memcheck || status=1 ;;
     racecheck) sanitize racecheck || status=1 ;;
+    # The Rust loader (runtime/cuda) on this GPU: its ignored GPU tests, built on the dev machine
+    # with `cargo test --release -p virnuc-cuda --no-run` and carried as build/varlen_rust/gpu_test.
+    rust) VARLEN_KERNEL_DIR=build/varlen_attention build/varlen_rust/gpu_test --ignored --nocapture \
+        --test-threads 1 2>&1 | tee "$out/rust.txt" || status=1 ;;
     bench) python3 "$py" bench --out "$out/bench.json" 2>&1 | tee "$out/bench.txt" || status=1 ;;
     # An earlier kernel version, carried as build/varlen_<tag>/varlen_attention.fatbin, timed in
     # the same call for a same-card comparison (VARLEN_GEOMETRY names its launch geometry).
