@@ -227,9 +227,20 @@ mod tests {
         let mut packer = Packer::new(config);
         let mut out = vec![];
         for (i, &l) in lengths.iter().enumerate() {
+            let before = out.len();
             packer.push(item(i as u64, l), &mut out);
             // Bounded memory: never more than a window plus one carried pack's sequences.
             assert!(packer.pending() <= 2 * config.window);
+            // Bounded reorder distance: a sequence leaves within two windows of entering.
+            for p in &out[before..] {
+                for s in &p.sequences {
+                    assert!(
+                        i as u64 - s.index < 2 * config.window as u64,
+                        "{i} {}",
+                        s.index
+                    );
+                }
+            }
         }
         packer.finish(&mut out);
         (out, packer.stats().clone())
