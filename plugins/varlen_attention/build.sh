@@ -36,7 +36,7 @@ for dt in f32 f16 bf16; do
 done
 
 stamp="$out/sources.sha256"
-want="$(cat "$src/varlen_attention.cu" "$src/varlen_attention_launch.h" "$src/tests/validate_test.cpp" \
+want="$(cat "$src/varlen_attention.cu" "$src/varlen_attention_launch.h" "$src/attributes.h" "$src/tests/validate_test.cpp" \
   "$0" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -f "$out/varlen_attention.fatbin" ]]; then
   echo "varlen_attention: up to date ($out/varlen_attention.fatbin)" >&2

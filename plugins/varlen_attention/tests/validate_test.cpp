@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "attributes.h"
 #include "varlen_attention_launch.h"
 
 using virnuc::varlen::Attributes;
@@ -109,8 +110,31 @@ static void test_slots() {
   CHECK(virnuc::varlen::threads(1, 64) == 128 && virnuc::varlen::block_m(1, 64) == 32);
 }
 
+// Attribute fields as the TensorRT plugin receives them (int32 or int64, float32 or float64).
+static void test_attributes() {
+  using virnuc::varlen::FieldType;
+  Attributes a;
+  const int32_t h32 = 20;
+  const int64_t r64 = 0;
+  const double base64 = 500.0;
+  const float scale = 0.25f;
+  CHECK(virnuc::varlen::apply_field(a, "num_heads", FieldType::kInt32, &h32, 1).empty());
+  CHECK(virnuc::varlen::apply_field(a, "rotary", FieldType::kInt64, &r64, 1).empty());
+  CHECK(virnuc::varlen::apply_field(a, "rotary_base", FieldType::kFloat64, &base64, 1).empty());
+  CHECK(!a.has_scale);
+  CHECK(virnuc::varlen::apply_field(a, "scale", FieldType::kFloat32, &scale, 1).empty());
+  CHECK(a.num_heads == 20 && a.rotary == 0 && a.rotary_base == 500.0f && a.has_scale && a.scale == 0.25f);
+  // The parser's own attributes are ignored; wrong types and lengths are refused.
+  CHECK(virnuc::varlen::apply_field(a, "plugin_version", FieldType::kOther, "1", 1).empty());
+  CHECK(contains(virnuc::varlen::apply_field(a, "num_heads", FieldType::kFloat32, &scale, 1), "integer"));
+  CHECK(contains(virnuc::varlen::apply_field(a, "scale", FieldType::kInt32, &h32, 1), "float"));
+  CHECK(contains(virnuc::varlen::apply_field(a, "num_heads", FieldType::kInt32, &h32, 2), "single"));
+  CHECK(!virnuc::varlen::apply_field(a, nullptr, FieldType::kInt32, &h32, 1).empty());
+}
+
 int main() {
   test_validation();
+  test_attributes();
   test_slots();
   if (failures != 0) {
     std::fprintf(stderr, "validate_test: %d failure(s)\n", failures);
