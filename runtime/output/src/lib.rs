@@ -527,19 +527,26 @@ impl EmbeddingWriter {
         } else {
             None
         };
-        for (i, seq) in sequences.iter().enumerate() {
+        // Everything is checked before anything is recorded: a refused pack leaves no trace.
+        let mut in_pack = IndexSet::new();
+        for seq in sequences {
             if seq.id.contains('\0') {
                 return Err(OutputError::InvalidId {
                     index: seq.index,
                     id: seq.id.clone(),
                 });
             }
-            if self.seen.insert(seq.index).is_err() {
+            if self.seen.contains(seq.index) || in_pack.insert(seq.index).is_err() {
                 return Err(OutputError::Duplicate {
                     index: seq.index,
                     id: seq.id.clone(),
                 });
             }
+        }
+        for (i, seq) in sequences.iter().enumerate() {
+            self.seen
+                .insert(seq.index)
+                .map_err(|index| OutputError::Internal(format!("index {index} checked twice")))?;
             encode_row(
                 &mean[i * h..(i + 1) * h],
                 self.layout.dtype,

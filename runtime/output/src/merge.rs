@@ -10,6 +10,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
 
+use hdf5::file::MetadataCacheConfig;
 use hdf5::types::VarLenUnicode;
 use hdf5::{Dataset, H5Type};
 
@@ -245,7 +246,10 @@ fn new_dataset<T: H5Type>(
     let builder = file
         .new_dataset::<T>()
         // Creation/modification times in object headers would make two runs' files differ.
-        .obj_track_times(false);
+        .obj_track_times(false)
+        // Rows are written in order, whole chunks at a time (only the last one partial): a chunk is
+        // never touched again, so caching it would only hold memory.
+        .chunk_cache(0, 0, 1.0);
     let builder = if shape.iter().all(|&d| d > 0) {
         builder.chunk(chunk.to_vec())
     } else {
@@ -283,11 +287,20 @@ pub(crate) fn write_final(
             source,
         }
     };
+    // HDF5's metadata cache grows to 32 MiB by default, mostly with the global heap of the
+    // variable-length ids; 4 MiB keeps the merge's memory small at no measurable cost (every
+    // object is written once, in order).
+    let metadata_cache = MetadataCacheConfig {
+        initial_size: 1 << 20,
+        min_size: 1 << 20,
+        max_size: 4 << 20,
+        ..MetadataCacheConfig::default()
+    };
     let file = hdf5::File::with_options()
         .with_fcpl(|p| p.obj_track_times(false))
         // The output is private to this process until renamed; HDF5's own flock only fails on
         // file systems without locks (some NFS mounts).
-        .with_fapl(|p| p.file_locking(false))
+        .with_fapl(|p| p.file_locking(false).mdc_config(&metadata_cache))
         .create(path)
         .map_err(h5("file"))?;
     for (key, value) in attributes {
@@ -307,12 +320,12 @@ pub(crate) fn write_final(
             &file,
             "sequence_ids",
             &[n],
-            &[chunk_rows(expected, 16)],
+            &[chunk_rows(expected, 128)],
             path,
         )?,
         "sequence_ids",
         1,
-        chunk_rows(expected, 16),
+        chunk_rows(expected, 128),
     );
     let emb_chunk = chunk_rows(expected, layout.row_bytes());
     let float_rows = |name: &'static str, rows: usize, chunk: usize| -> Result<_, OutputError> {
