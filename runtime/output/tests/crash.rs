@@ -101,16 +101,21 @@ fn twenty_kills_at_random_points_then_resume_gives_the_uninterrupted_file() {
     let started = Instant::now();
     let (mut child, rx) = spawn(&reference, false);
     let mut finishing_at = None;
+    let mut open_at = None;
     for line in rx.iter() {
         if line == "finishing" {
             finishing_at = Some(started.elapsed());
+        }
+        if line.starts_with("open ") {
+            open_at = Some(started.elapsed());
         }
     }
     let status = child.wait().expect("wait");
     assert!(status.success(), "reference run: {}", stderr_of(&mut child));
     let total = started.elapsed();
     let finish_phase = total - finishing_at.expect("finishing marker");
-    eprintln!("uninterrupted: {total:?}, of which finish {finish_phase:?}");
+    let startup = open_at.expect("open marker");
+    eprintln!("uninterrupted: {total:?}: start-up and open {startup:?}, finish {finish_phase:?}");
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -123,16 +128,43 @@ fn twenty_kills_at_random_points_then_resume_gives_the_uninterrupted_file() {
     let mut kills_in_finish = 0;
     let mut completed = false;
     // Phase 1: kills at random delays after start, while packs are written and shards flushed.
+    // Sequences durable at each restart ("open N"): journaled work is never lost, so this never
+    // decreases.
+    let mut durable = Vec::new();
     while kills_in_packs < 20 {
-        let (mut child, _rx) = spawn(&out, true);
-        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
-        if kill(&mut child) {
+        let (mut child, rx) = spawn(&out, true);
+        // One kill in four during start-up and `open` (resume checks); the others up to 120 ms
+        // into the pack phase, where shards are written, renamed and journaled every ~30 ms.
+        let startup_us = startup.as_micros() as u64;
+        let delay = if rng.below(4) == 0 {
+            rng.below(startup_us)
+        } else {
+            startup_us + rng.below(120_000)
+        };
+        std::thread::sleep(Duration::from_micros(delay));
+        let landed = kill(&mut child);
+        // The stdout thread ends once the pipe closes; collect what the run said.
+        for line in rx.iter() {
+            if let Some(n) = line.strip_prefix("open ") {
+                durable.push(n.parse::<u64>().expect("count"));
+            }
+        }
+        if landed {
             kills_in_packs += 1;
         } else {
             completed = true;
             break;
         }
     }
+    eprintln!("durable sequences at each restart: {durable:?}");
+    assert!(
+        durable.windows(2).all(|w| w[0] <= w[1]),
+        "durable work was lost"
+    );
+    assert!(
+        durable.last().is_some_and(|&d| d > 0),
+        "no shard became durable"
+    );
     // Phase 2: kills after the `finishing` marker: during the merge, rename or clean-up.
     let window = finish_phase.as_micros() as u64 + 1;
     let mut attempts = 0;
@@ -147,7 +179,10 @@ fn twenty_kills_at_random_points_then_resume_gives_the_uninterrupted_file() {
             }
         }
         if finishing {
-            std::thread::sleep(Duration::from_micros(rng.below(window)));
+            // Early attempts aim at the start of the finish (the merge); later ones reach further
+            // (rename, clean-up), where the run may also complete before the kill.
+            let reach = (window * attempts / 6).clamp(window / 6, window);
+            std::thread::sleep(Duration::from_micros(rng.below(reach)));
         }
         if kill(&mut child) {
             kills_in_finish += 1;
