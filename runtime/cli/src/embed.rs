@@ -133,12 +133,16 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
             r.discarded.len()
         );
     }
-    let mut pipeline_config = s.pipeline();
-    pipeline_config.skip = Some(writer.done());
-    let mut pipeline = virnuc_data::start(pipeline_config).context("cannot start reading")?;
+    // Resume skips whole packs, not sequences: packing is deterministic, so every sequence is
+    // computed in the same pack as in an uninterrupted run and the final file is bit-identical
+    // (matrix products over a different pack round differently in the last bit). A pack that is
+    // partly done is recomputed and only its missing sequences are written.
+    let done = writer.done();
+    let mut pipeline = virnuc_data::start(s.pipeline()).context("cannot start reading")?;
 
     let progress = progress_bar(s.quiet);
     let writer_progress = progress.clone();
+    let writer_done = done.clone();
     let writer_thread = std::thread::Builder::new()
         .name("virnuc-writer".into())
         .spawn(move || -> Result<WriterDone> {
@@ -148,20 +152,35 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
             let start = Instant::now();
             for r in results.iter() {
                 let r = r.map_err(|e| anyhow!(e))?;
-                let states = r
-                    .embeddings
-                    .hidden
-                    .as_deref()
-                    .map(|h| (h, r.batch.cu_seqlens.as_slice()));
-                writer
-                    .write_pack(&r.batch.sequences, &r.embeddings.mean, states)
-                    .with_context(|| {
-                        format!(
-                            "cannot write the pack starting with {}",
-                            r.batch.sequences[0].id
-                        )
-                    })?;
-                sequences += r.batch.num_sequences() as u64;
+                let context = || {
+                    format!(
+                        "cannot write the pack starting with {}",
+                        r.batch.sequences[0].id
+                    )
+                };
+                let keep: Vec<usize> = (0..r.batch.num_sequences())
+                    .filter(|&i| !writer_done(r.batch.sequences[i].index))
+                    .collect();
+                if keep.len() == r.batch.num_sequences() {
+                    let states = r
+                        .embeddings
+                        .hidden
+                        .as_deref()
+                        .map(|h| (h, r.batch.cu_seqlens.as_slice()));
+                    writer
+                        .write_pack(&r.batch.sequences, &r.embeddings.mean, states)
+                        .with_context(context)?;
+                } else {
+                    let sel = select(&r.batch, &r.embeddings, &keep);
+                    let states = sel
+                        .states
+                        .as_ref()
+                        .map(|(h, cu)| (h.as_slice(), cu.as_slice()));
+                    writer
+                        .write_pack(&sel.sequences, &sel.mean, states)
+                        .with_context(context)?;
+                }
+                sequences += keep.len() as u64;
                 tokens += r.batch.num_tokens() as u64;
                 let secs = start.elapsed().as_secs_f64().max(1e-9);
                 writer_progress.set_position(sequences);
@@ -179,6 +198,9 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     for pack in pipeline.by_ref() {
         match pack {
             Ok(p) => {
+                if p.sequences.iter().all(|m| done(m.index)) {
+                    continue;
+                }
                 if engine.submit(p).is_err() {
                     break;
                 }
@@ -204,6 +226,42 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     };
     let data = data.context("reading the input failed")?;
     finish(&s, &info, done.0, done.1, data, t0, resumed)
+}
+
+/// Some sequences of a pack, with their rows of `mean` and (re-based) token states.
+#[derive(Debug, PartialEq)]
+struct Selection {
+    sequences: Vec<virnuc_core::SequenceMeta>,
+    mean: Vec<f32>,
+    states: Option<(Vec<f32>, Vec<i32>)>,
+}
+
+fn select(
+    batch: &virnuc_core::PackedBatch,
+    emb: &virnuc_engine::Embeddings,
+    keep: &[usize],
+) -> Selection {
+    let h = emb.hidden_size;
+    let sequences = keep.iter().map(|&i| batch.sequences[i].clone()).collect();
+    let mean = keep
+        .iter()
+        .flat_map(|&i| emb.mean[i * h..(i + 1) * h].iter().copied())
+        .collect();
+    let states = emb.hidden.as_ref().map(|hidden| {
+        let mut cu = vec![0i32];
+        let mut rows = Vec::new();
+        for &i in keep {
+            let r = batch.token_range(i);
+            rows.extend_from_slice(&hidden[r.start * h..r.end * h]);
+            cu.push(cu[cu.len() - 1] + r.len() as i32);
+        }
+        (rows, cu)
+    });
+    Selection {
+        sequences,
+        mean,
+        states,
+    }
 }
 
 /// Refuses an output that exists (without --resume) or cannot be written, before the model loads.
@@ -275,6 +333,9 @@ fn attributes(s: &EmbedSettings, info: &EngineInfo) -> Result<Vec<(String, Strin
                 .unwrap_or_default(),
         ),
         ("virnucpro_compat".into(), s.virnucpro_compat.to_string()),
+        // Packing decides rounding in the last bit: a resume must use the same budget to give a
+        // bit-identical file (the writer refuses a resume whose attributes differ).
+        ("token_budget".into(), s.toks_per_batch.to_string()),
     ])
 }
 
@@ -392,4 +453,43 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virnuc_core::{PackedBatch, SequenceMeta};
+
+    #[test]
+    fn select_keeps_rows_and_rebases_token_states() {
+        let mut b = PackedBatch::default();
+        for (i, len) in [3usize, 4, 5].iter().enumerate() {
+            b.push(
+                SequenceMeta {
+                    index: i as u64,
+                    id: format!("s{i}"),
+                    residues: (*len - 2) as u32,
+                },
+                &vec![5u8; *len],
+            );
+        }
+        let h = 2;
+        let emb = virnuc_engine::Embeddings {
+            mean: (0..6).map(|x| x as f32).collect(),
+            hidden: Some((0..24).map(|x| x as f32).collect()),
+            hidden_size: h,
+            compute: Duration::ZERO,
+        };
+        let sel = select(&b, &emb, &[0, 2]);
+        assert_eq!(
+            sel.sequences.iter().map(|m| m.index).collect::<Vec<_>>(),
+            [0, 2]
+        );
+        assert_eq!(sel.mean, [0.0, 1.0, 4.0, 5.0]);
+        let (rows, cu) = sel.states.expect("states");
+        assert_eq!(cu, [0, 3, 8]);
+        // Sequence 0: tokens 0..3; sequence 2: tokens 7..12.
+        let want: Vec<f32> = (0..6).chain(14..24).map(|x| x as f32).collect();
+        assert_eq!(rows, want);
+    }
 }
