@@ -57,10 +57,10 @@ echo "varlen_attention: compiling sm_80, sm_90 + compute_80 PTX with $nvcc" >&2
 for k in "${kernels[@]}"; do
   grep -aq "$k" "$out/varlen_attention.fatbin.tmp" || die "kernel $k missing from the fatbin"
 done
-# Register spills in the sm_90 f16 kernels (the production path) would cost the speed the kernel
-# exists for. (sm_80's ptxas caps some 16-bit kernels at 80 registers with a few spilled bytes.)
+# Large register spills in the sm_90 f16 kernels (the production path) would cost the speed the
+# kernel exists for; a few bytes under the 128-register cap (two blocks an SM) are accepted.
 spills="$(awk '/Compiling entry function/ { entry = $0 }
-  /bytes spill stores/ && $5 != "0" && entry ~ /_f16_/ && entry ~ /sm_90/ { print entry }' "$out/resources.txt")"
+  /bytes spill stores/ && $5 + 0 > 64 && entry ~ /_f16_/ && entry ~ /sm_90/ { print entry }' "$out/resources.txt")"
 [[ -z "$spills" ]] || die "register spills in: $spills (see $out/resources.txt)"
 mv "$out/varlen_attention.fatbin.tmp" "$out/varlen_attention.fatbin"
 

@@ -285,6 +285,81 @@ __device__ __forceinline__ void load_qk(uint16_t* hi, uint16_t* lo, const uint16
   }
 }
 
+// Asynchronous global -> shared copies (sm_80+); a source size of 0 writes zeros (rows past the
+// sequence's end) without reading global memory.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+  const uint32_t n = valid ? BYTES : 0;
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n));
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Issues the copies of R rows x D columns (at `col`) into `dst`; rows past `nvalid` become zeros.
+template <int D, int R, int LDS>
+__device__ __forceinline__ void issue_rows(uint16_t* dst, const uint16_t* qkv, long long row_stride,
+                                           int col, int tok0, int nvalid) {
+  constexpr int VEC = (D % 8 == 0) ? 8 : 4;
+  constexpr int CH = D / VEC;
+  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += static_cast<int>(blockDim.x)) {
+    const int r = u / CH;
+    const int c = (u % CH) * VEC;
+    const bool valid = r < nvalid;
+    const uint16_t* src = valid ? qkv + static_cast<long long>(tok0 + r) * row_stride + col + c : qkv;
+    cp_async<VEC * 2>(dst + r * LDS + c, src, valid);
+  }
+}
+
+// Rotary from a raw k tile in shared memory into another (rows past `nvalid` written as zeros).
+template <typename T, int D, int R, int LDS>
+__device__ __forceinline__ void rotate_tile(uint16_t* dst, const uint16_t* src, int tok0, int nvalid,
+                                            const long long* __restrict__ pos, const float* inv_freq) {
+  constexpr int HALF = D / 2;
+  constexpr int VEC = (HALF % 8 == 0) ? 8 : 4;
+  constexpr int CH = HALF / VEC;
+  for (int u = static_cast<int>(threadIdx.x); u < R * CH; u += static_cast<int>(blockDim.x)) {
+    const int r = u / CH;
+    const int c = (u % CH) * VEC;
+    uint16_t h1[VEC];
+    uint16_t h2[VEC];
+    if (r < nvalid) {
+      uint16_t a[VEC];
+      uint16_t b[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        a[j] = src[r * LDS + c + j];
+        b[j] = src[r * LDS + c + HALF + j];
+      }
+      const float p = static_cast<float>(__ldg(pos + tok0 + r));
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float x1 = Half16<T>::to_float(a[j]);
+        const float x2 = Half16<T>::to_float(b[j]);
+        float sn;
+        float co;
+        fast_sincos(__fmul_rn(p, inv_freq[c + j]), sn, co);
+        h1[j] = Half16<T>::from_float(x1 * co - x2 * sn);
+        h2[j] = Half16<T>::from_float(x2 * co + x1 * sn);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        h1[j] = 0;
+        h2[j] = 0;
+      }
+    }
+    store_vec<VEC>(dst + r * LDS + c, h1);
+    store_vec<VEC>(dst + r * LDS + c + HALF, h2);
+  }
+}
+
 // Loads R rows of v (D columns at `col`), rows past `nvalid` zero.
 template <int D, int R, int LDS>
 __device__ __forceinline__ void load_v(uint16_t* dst, const uint16_t* qkv, long long row_stride,
@@ -327,14 +402,21 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
   // q is needed in shared memory only before the key loop (to build its register fragments) and
   // after it (to stage the output), so the k/v tiles share its space: with the same row stride,
   // the zero padding columns of the rows coincide.
-  constexpr int KV = (SPLIT ? 3 : 2) * BN * LDS;
+  // fp16: k/v tiles double-buffered with cp.async (the next tile's loads overlap this tile's
+  // math): raw k x2, v x2, rotated k. bf16 (whose split operands need more room) loads
+  // synchronously: k, v, k lo.
+  constexpr bool PIPE = !SPLIT;
+  constexpr int KV = (PIPE ? 5 : SPLIT ? 3 : 2) * BN * LDS;
   constexpr int SMEM = BM * LDS > KV ? BM * LDS : KV;
   __shared__ __align__(16) uint16_t smem[SMEM];
   __shared__ float inv_freq[D / 2];
   uint16_t* const sQ = smem;
-  uint16_t* const sK = smem;
+  uint16_t* const sK = smem;  // rotated (PIPE) or loaded (not PIPE) k
   uint16_t* const sV = smem + BN * LDS;
   uint16_t* const sKlo = smem + 2 * BN * LDS;
+  // PIPE buffers: raw k at [1 + buf], v at [3 + buf] tiles from the start.
+  uint16_t* const sKraw = smem + BN * LDS;
+  uint16_t* const sVbuf = smem + 3 * BN * LDS;
 
   Work w;
   if (!locate(cu, batch, total, BM, w)) return;
@@ -391,13 +473,41 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
   const float sl2 = scale * 1.4426950408889634f;  // exp(x) = exp2(x * log2 e)
   const bool active = warp * 16 < nq;
 
-  for (int kv0 = 0; kv0 < w.len; kv0 += BN) {
+  if constexpr (PIPE) {
+    __syncthreads();  // q fragments read: the buffers alias sQ
+    issue_rows<D, BN, LDS>(sKraw, qkv, row_stride, kcol, w.start, min(BN, w.len));
+    issue_rows<D, BN, LDS>(sVbuf, qkv, row_stride, vcol, w.start, min(BN, w.len));
+    cp_async_commit();
+  }
+  for (int kv0 = 0, tile = 0; kv0 < w.len; kv0 += BN, ++tile) {
     const int nk = min(BN, w.len - kv0);
+    const uint16_t* kt = sK;
+    const uint16_t* vt = sV;
     __syncthreads();  // previous tile fully consumed (and q fragments read)
-    load_qk<T, D, BN, LDS>(sK, (SPLIT && rotary) ? sKlo : nullptr, qkv, row_stride, kcol,
-                           w.start + kv0, nk, pos, inv_freq, rotary);
-    load_v<D, BN, LDS>(sV, qkv, row_stride, vcol, w.start + kv0, nk);
-    __syncthreads();
+    if constexpr (PIPE) {
+      const int buf = tile & 1;
+      const int next = kv0 + BN;
+      if (next < w.len) {  // prefetch the next tile into the other buffer
+        const int nn = min(BN, w.len - next);
+        issue_rows<D, BN, LDS>(sKraw + (buf ^ 1) * BN * LDS, qkv, row_stride, kcol, w.start + next, nn);
+        issue_rows<D, BN, LDS>(sVbuf + (buf ^ 1) * BN * LDS, qkv, row_stride, vcol, w.start + next, nn);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();  // this tile's group has landed
+      __syncthreads();
+      vt = sVbuf + buf * BN * LDS;
+      if (rotary) {
+        rotate_tile<T, D, BN, LDS>(sK, sKraw + buf * BN * LDS, w.start + kv0, nk, pos, inv_freq);
+        __syncthreads();
+      } else {
+        kt = sKraw + buf * BN * LDS;
+      }
+    } else {
+      load_qk<T, D, BN, LDS>(sK, (SPLIT && rotary) ? sKlo : nullptr, qkv, row_stride, kcol,
+                             w.start + kv0, nk, pos, inv_freq, rotary);
+      load_v<D, BN, LDS>(sV, qkv, row_stride, vcol, w.start + kv0, nk);
+      __syncthreads();
+    }
     // Warps whose 16 rows are all past the sequence's end only help with the loads.
     if (!active) continue;
 
@@ -413,7 +523,7 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
       for (int j = 0; j < NT; j += 2) {
         const int off = (j * 8 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 + ((lane / 8) & 1) * 8;
         uint32_t b[4];
-        ldmatrix_x4(b, sK + off);
+        ldmatrix_x4(b, kt + off);
         mma<T>(s[j], qa[ks], b[0], b[1]);
         mma<T>(s[j + 1], qa[ks], b[2], b[3]);
         if constexpr (SPLIT) {
@@ -497,7 +607,7 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
 #pragma unroll
       for (int d = 0; d < DT; d += 2) {
         const uint16_t* p =
-            sV + (kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8) * LDS + d * 8 + (lane / 16) * 8;
+            vt + (kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8) * LDS + d * 8 + (lane / 16) * 8;
         uint32_t b[4];
         ldmatrix_x4_trans(b, p);
         mma<T>(o[d], pa, b[0], b[1]);
@@ -518,6 +628,7 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
   const float i1 = 1.0f / l1;
 
   // Stage the tile in shared memory (sQ is free) for 16-byte coalesced stores.
+  if constexpr (PIPE) cp_async_wait<0>();
   __syncthreads();
   {
     const int row = warp * 16 + lane / 4;
@@ -700,8 +811,10 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
 // ---------------------------------------------------------------------------------------------
 // Entry points (names are the ABI the loaders look up).
 
+// Two blocks an SM for fp16 (caps registers at 128 with 8 warps); bf16's split operands need more.
 #define VIRNUC_KERNEL_16(NAME, T, D)                                                           \
-  extern "C" __global__ void __launch_bounds__(virnuc::warps16<D>() * 32)                             \
+  extern "C" __global__ void __launch_bounds__(virnuc::warps16<D>() * 32,                     \
+                                               __is_same(T, __half) ? 2 : 1)                  \
       NAME(const void* qkv, const int* cu_seqlens, const long long* position_ids, void* out,   \
            int total_tokens, int batch, int num_heads, float scale, int rotary,                \
            float rotary_base) {                                                                \
