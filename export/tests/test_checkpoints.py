@@ -169,3 +169,22 @@ def test_fair_esm_config_class_from_a_missing_package(tmp_path, monkeypatch):
     assert src.config["num_heads"] == 4
     embed = src.get("embeddings.word_embeddings.weight")
     np.testing.assert_array_equal(embed, model.embed_tokens.weight.detach().numpy())
+
+
+def test_safetensors_reader_dtypes(tmp_path):
+    """Our plain-read safetensors loader (no memory map) against the safetensors library's writer."""
+    from safetensors.torch import save_file
+
+    from virnuc_export.weights import safetensors_index
+
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).to(torch.bfloat16),
+        "f16": torch.randn(2, 2).half(),
+        "empty": torch.zeros(0),
+    }
+    save_file(tensors, tmp_path / "m.safetensors")
+    index = safetensors_index(tmp_path / "m.safetensors")
+    assert sorted(index) == sorted(tensors)
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(index[name]().astype(np.float32), t.float().numpy())

@@ -138,7 +138,9 @@ class RandomWeights(WeightSource):
 
 
 def _to_numpy(t: Any) -> np.ndarray:
-    """torch tensor (any float dtype) → float32 numpy."""
+    """numpy array or torch tensor (any float dtype) → float32 numpy."""
+    if isinstance(t, np.ndarray):
+        return t.astype(np.float32, copy=False)
     import torch
 
     if isinstance(t, torch.Tensor):
@@ -201,12 +203,8 @@ class HfWeights(_TensorMapSource):
         raw: dict[str, Any] = {}
         st = sorted(folder.glob("model*.safetensors"))
         if st:
-            from safetensors import safe_open
-
             for p in st:
-                handle = safe_open(str(p), framework="pt")
-                for key in handle.keys():
-                    raw[key] = lambda h=handle, k=key: h.get_tensor(k)
+                raw.update(safetensors_index(p))
             self._files = st
         else:
             bins = sorted(folder.glob("pytorch_model*.bin"))
@@ -220,6 +218,34 @@ class HfWeights(_TensorMapSource):
         for key, value in raw.items():
             name = key[len("esm.") :] if key.startswith("esm.") else key
             self._lookup[name] = value
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def safetensors_index(path: Path) -> dict[str, Any]:
+    """name → loader of one tensor of a .safetensors file, read with plain file reads (no memory map), so
+    that memory holds one tensor at a time whatever the checkpoint size."""
+    with path.open("rb") as f:
+        (header_len,) = np.frombuffer(f.read(8), dtype="<u8")
+        header = json.loads(f.read(int(header_len)))
+    base = 8 + int(header_len)
+
+    def loader(info: dict[str, Any]) -> np.ndarray:
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: unsupported tensor dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        out = np.empty(tuple(info["shape"]), dtype=np.dtype(dtype).newbyteorder("<"))
+        with path.open("rb") as f:
+            f.seek(base + start)
+            if f.readinto(memoryview(out).cast("B")) != end - start:
+                raise ValueError(f"{path}: truncated tensor data")
+        if info["dtype"] == "BF16":  # bfloat16 = the high half of a float32
+            return (out.astype(np.uint32) << 16).view(np.float32)
+        return out
+
+    return {name: (lambda info=info: loader(info)) for name, info in header.items() if name != "__metadata__"}
 
 
 _FAIR_LAYER_MAP = {
