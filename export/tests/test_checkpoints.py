@@ -34,19 +34,22 @@ def check_against(reference_states: list[np.ndarray], out: dict[str, np.ndarray]
         assert cosine(out["mean"][i], residue_mean(ref)) >= MIN_COS
 
 
-@pytest.mark.parametrize("fmt", ["safetensors-maskedlm", "bin-model"])
+@pytest.mark.parametrize("fmt", ["safetensors-maskedlm", "bin-model", "no-token-dropout"])
 def test_hf_folder_exports_and_matches_from_pretrained(tmp_path, fmt: str):
     src = RandomWeights(TINY, 21)
-    if fmt == "safetensors-maskedlm":
-        model = EsmForMaskedLM(hf_config(src.config))  # real HF checkpoints: esm. prefix + lm_head
-        target = model.esm
-    else:
-        model = EsmModel(hf_config(src.config), add_pooling_layer=False)
+    config = dict(src.config)
+    if fmt == "no-token-dropout":  # HF `token_dropout: false`: no 0.88 rescale in HF, none in the graph
+        config["token_dropout_scale"] = 1.0
+    if fmt == "bin-model":
+        model = EsmModel(hf_config(config), add_pooling_layer=False)
         target = model
+    else:
+        model = EsmForMaskedLM(hf_config(config))  # real HF checkpoints: esm. prefix + lm_head
+        target = model.esm
     target.load_state_dict({k: torch.from_numpy(v) for k, v in src.items()}, strict=False)
     folder = tmp_path / "hf"
-    model.save_pretrained(folder, safe_serialization=fmt.startswith("safetensors"))
-    assert (folder / ("model.safetensors" if fmt.startswith("safetensors") else "pytorch_model.bin")).exists()
+    model.save_pretrained(folder, safe_serialization=fmt != "bin-model")
+    assert (folder / ("pytorch_model.bin" if fmt == "bin-model" else "model.safetensors")).exists()
 
     loaded = HfWeights(folder)
     for name, value in src.items():
@@ -55,6 +58,7 @@ def test_hf_folder_exports_and_matches_from_pretrained(tmp_path, fmt: str):
     meta = result.metadata
     assert meta["source"]["kind"] == "hf" and meta["random_weights"] is False
     assert len(meta["source"]["sha256"]) == 64
+    assert meta["model"]["token_dropout_scale"] == config["token_dropout_scale"]
 
     hf = hf_model_from_folder(str(folder))  # HF's own loader, not ours
     tokens = tokens_for_test(1)
