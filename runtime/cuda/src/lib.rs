@@ -33,7 +33,9 @@ pub use driver::{
 pub use geometry::{
     Attributes, DType, HEAD_DIMS, LaunchConfig, Problem, block_shape, kernel_name, launch_config,
 };
-pub use ort_op::{CUDA_EP, DOMAIN, OP_TYPE, VarlenAttentionCuda, cuda_operator_domain};
+pub use ort_op::{
+    CUDA_EP, DOMAIN, OP_TYPE, VarlenAttentionCuda, add_cuda_operators, cuda_operator_domain,
+};
 
 /// Version of the op contract this crate implements (`VARLEN_ATTENTION_VERSION` in the README).
 pub const VARLEN_ATTENTION_VERSION: &str = "1";

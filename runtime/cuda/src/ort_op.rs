@@ -25,20 +25,43 @@ pub const CUDA_EP: &str = "CUDAExecutionProvider";
 /// `plugins/varlen_attention/build.sh`).
 ///
 /// Fails now, with the reason, when the fatbin is missing or libcuda cannot be opened, rather
-/// than at the first run. Register it on the session builder together with the CUDA EP (one
-/// domain per name per session: a session that also needs the CPU op must put both in one domain).
+/// than at the first run. Register it on the session builder together with the CUDA EP; a session
+/// that also needs the CPU op should use [`add_cuda_operators`] on its own `com.virnuc` domain.
 pub fn cuda_operator_domain(kernel_dir: &Path) -> Result<OperatorDomain, CudaError> {
+    // Artifacts and driver first: their errors need no ONNX Runtime library.
+    let kernels = open_checked(kernel_dir)?;
+    let domain = OperatorDomain::new(DOMAIN).map_err(|e| CudaError::Ort(e.to_string()))?;
+    add_with(domain, &kernels)
+}
+
+/// Adds the three CUDA `VarlenAttention` operators to an existing `com.virnuc` domain, for a
+/// session that also registers the CPU op: ONNX Runtime wants one domain object per domain name,
+/// holding the kernels of every EP.
+pub fn add_cuda_operators(
+    domain: OperatorDomain,
+    kernel_dir: &Path,
+) -> Result<OperatorDomain, CudaError> {
+    let kernels = open_checked(kernel_dir)?;
+    add_with(domain, &kernels)
+}
+
+fn open_checked(kernel_dir: &Path) -> Result<Arc<VarlenKernels>, CudaError> {
     let kernels = Arc::new(VarlenKernels::open(kernel_dir)?);
     ensure_driver()?;
-    let ort = |e: ort::Error| CudaError::Ort(e.to_string());
-    let mut domain = OperatorDomain::new(DOMAIN).map_err(ort)?;
+    Ok(kernels)
+}
+
+fn add_with(
+    mut domain: OperatorDomain,
+    kernels: &Arc<VarlenKernels>,
+) -> Result<OperatorDomain, CudaError> {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         domain = domain
             .add(VarlenAttentionCuda {
                 dtype,
-                kernels: Arc::clone(&kernels),
+                kernels: Arc::clone(kernels),
             })
-            .map_err(ort)?;
+            .map_err(|e| CudaError::Ort(e.to_string()))?;
     }
     Ok(domain)
 }
@@ -195,5 +218,37 @@ impl VarlenKernel {
         // the validated shapes (inputs) and a fresh one of `out_shape` (output), alive for this
         // call, and its compute stream of the current (primary) context.
         unsafe { self.kernels.launch(stream.cast(), &problem, &ptrs) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_without_kernels_fails_loudly_before_touching_onnx_runtime() {
+        let dir = std::env::temp_dir().join("virnuc-cuda-domain-no-kernels");
+        let err = cuda_operator_domain(&dir)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("bash plugins/varlen_attention/build.sh"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn domain_without_a_driver_says_so() {
+        // With the fatbin built (tools/test.sh runs build.sh first) on a machine without the NVIDIA
+        // driver (CI), the error names libcuda; with a driver this needs ONNX Runtime and is skipped.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/varlen_attention");
+        if dir.join(crate::FATBIN_NAME).is_file() && ensure_driver().is_err() {
+            let err = cuda_operator_domain(&dir)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("libcuda.so.1"), "{err}");
+        }
     }
 }
