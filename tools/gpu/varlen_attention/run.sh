@@ -40,6 +40,8 @@ for s in "${steps[@]}"; do
     rust) VARLEN_KERNEL_DIR=build/varlen_attention build/varlen_rust/gpu_test --ignored --nocapture \
         --test-threads 1 2>&1 | tee "$out/rust.txt" || status=1 ;;
     bench) python3 "$py" bench --out "$out/bench.json" 2>&1 | tee "$out/bench.txt" || status=1 ;;
+    # Every ESM-2 size's attention shape, fp16 and bf16 (chunk500).
+    sizes) python3 "$py" bench-sizes --out "$out/sizes.json" 2>&1 | tee "$out/sizes.txt" || status=1 ;;
     # An earlier kernel version, carried as build/varlen_<tag>/varlen_attention.fatbin, timed in
     # the same call for a same-card comparison (VARLEN_GEOMETRY names its launch geometry).
     bench-*) tag="${s#bench-}"

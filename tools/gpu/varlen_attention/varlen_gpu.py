@@ -314,7 +314,24 @@ def time_ms(fn: Any, iters: int = 50, groups: int = 5) -> float:
     return float(np.median(meds))
 
 
-def run_bench(out_path: Path | None) -> None:
+# (label, heads, head_dim, dtype, mixes) of each benchmark row set.
+BENCH_MAIN = [(f"{m} H={h} D=64", h, 64, "f16", ("chunk500", "broad")) for m, h in (("650M", 20), ("3B", 40))]
+# Every ESM-2 size's attention shape, fp16 and bf16, on the chunk500 mix.
+BENCH_SIZES = [
+    (f"{m} H={h} D={d}", h, d, dt, ("chunk500",))
+    for dt in ("f16", "bf16")
+    for m, h, d in (
+        ("8M", 20, 16),
+        ("35M", 20, 24),
+        ("150M", 20, 32),
+        ("650M", 20, 64),
+        ("3B", 40, 64),
+        ("15B", 40, 128),
+    )
+]
+
+
+def run_bench(out_path: Path | None, configs: list | None = None) -> None:
     kernels = Kernels(FATBIN)
     rng = np.random.default_rng(0)
     gen = torch.Generator(device="cuda")
@@ -322,11 +339,12 @@ def run_bench(out_path: Path | None) -> None:
     budget = 16384
     rows = []
     flash = torch.ops.aten._flash_attention_forward
-    for model, heads in (("650M H=20 D=64", 20), ("3B H=40 D=64", 40)):
-        for mix, fn in (("chunk500", lengths_chunk500), ("broad", lengths_broad)):
+    mixes = {"chunk500": lengths_chunk500, "broad": lengths_broad}
+    for model, heads, head_dim, tag, mix_names in configs or BENCH_MAIN:
+        for mix in mix_names:
+            fn = mixes[mix]
             lengths = fn(rng, budget)
-            head_dim = 64
-            dtype = torch.float16
+            dtype = DTYPES[tag]
             pack = make_pack(lengths, heads, head_dim, dtype, gen)
             total = sum(lengths)
             qkv, cu, pos = pack["qkv"], pack["cu"], pack["pos"]
@@ -340,10 +358,10 @@ def run_bench(out_path: Path | None) -> None:
             x = qkv.view(total, 3, heads, head_dim)
 
             def ours_rot() -> None:
-                kernels.launch("f16", qkv, cu, pos, out, heads, scale, True)  # noqa: B023
+                kernels.launch(tag, qkv, cu, pos, out, heads, scale, True)  # noqa: B023
 
             def ours_norot() -> None:
-                kernels.launch("f16", qkv, cu, pos, out, heads, scale, False)  # noqa: B023
+                kernels.launch(tag, qkv, cu, pos, out, heads, scale, False)  # noqa: B023
 
             def torch_flash() -> None:
                 flash(x[:, 0], x[:, 1], x[:, 2], cu, cu, max_len, max_len, 0.0, False, False, scale=scale)  # noqa: B023
@@ -381,6 +399,7 @@ def run_bench(out_path: Path | None) -> None:
             }
             flops = 4.0 * sum(n * n for n in lengths) * head_dim * heads
             row = {
+                "dtype": tag,
                 "model": model,
                 "mix": mix,
                 "tokens": total,
@@ -399,7 +418,7 @@ def run_bench(out_path: Path | None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['mix']} | {r['sequences']} | {r['ours_rotary_us']:.1f} "
+            f"| {r['model']} {r['dtype']} | {r['mix']} | {r['sequences']} | {r['ours_rotary_us']:.1f} "
             f"| {r['ours_no_rotary_us']:.1f} | "
             f"{r['torch_flash_us']:.1f} | {r['torch_rotary_flash_us']:.1f} | "
             f"{r['torch_rotary_flash_us'] / r['ours_rotary_us']:.2f}x |"
@@ -410,7 +429,7 @@ def run_bench(out_path: Path | None) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["check", "bench", "control"])
+    ap.add_argument("mode", choices=["check", "bench", "bench-sizes", "control"])
     ap.add_argument("--quick", action="store_true", help="a few small cases (for compute-sanitizer)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -422,7 +441,7 @@ def main() -> int:
         return 0 if run_check(args.quick, args.out) else 1
     if args.mode == "control":
         return 0 if run_control() else 1
-    run_bench(args.out)
+    run_bench(args.out, BENCH_SIZES if args.mode == "bench-sizes" else BENCH_MAIN)
     return 0
 
 
