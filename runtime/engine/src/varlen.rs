@@ -234,29 +234,40 @@ fn attend_one_head<T: Element>(
     scale: f32,
 ) -> Vec<f32> {
     let mut q = vec![0f32; len * d];
-    let mut k = vec![0f32; len * d];
+    // k transposed to [d, len]: the scores of one query are then axpys over contiguous rows, which
+    // vectorize (a dot product per key would be a serial f32 reduction).
+    let mut kt = vec![0f32; d * len];
     let mut v = vec![0f32; len * d];
+    let mut krow = vec![0f32; d];
     for i in 0..len {
         let row = &qkv[(start + i) * qkv_cols..(start + i + 1) * qkv_cols];
         for j in 0..d {
             q[i * d + j] = row[head * d + j].to_f32();
-            k[i * d + j] = row[hd + head * d + j].to_f32();
+            krow[j] = row[hd + head * d + j].to_f32();
             v[i * d + j] = row[2 * hd + head * d + j].to_f32();
         }
         if let Some(p) = positions {
             rotate(&mut q[i * d..(i + 1) * d], p[start + i], freqs);
-            rotate(&mut k[i * d..(i + 1) * d], p[start + i], freqs);
+            rotate(&mut krow, p[start + i], freqs);
+        }
+        for (c, &x) in krow.iter().enumerate() {
+            kt[c * len + i] = x;
         }
     }
     let mut out = vec![0f32; len * d];
     let mut scores = vec![0f32; len];
     for i in 0..len {
         let qi = &q[i * d..(i + 1) * d];
+        scores.fill(0.0);
+        for (c, &qc) in qi.iter().enumerate() {
+            let kc = &kt[c * len..(c + 1) * len];
+            for (s, &k) in scores.iter_mut().zip(kc) {
+                *s += qc * k;
+            }
+        }
         let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            let kj = &k[j * d..(j + 1) * d];
-            let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
-            *s = dot * scale;
+        for s in scores.iter_mut() {
+            *s *= scale;
             max = max.max(*s);
         }
         let mut denom = 0f32;
