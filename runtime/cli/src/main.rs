@@ -12,7 +12,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod build_cmd;
 mod embed;
+mod gate_cmd;
 mod settings;
 mod translate;
 
@@ -37,6 +39,10 @@ enum Command {
     Embed(Box<settings::EmbedArgs>),
     /// Write the proteins `embed` would send to the model (same names and order) as FASTA.
     Translate(translate::TranslateArgs),
+    /// Build an engine folder for this GPU (or CPU): optimized graph, tuned token budget, manifest.
+    Build(Box<build_cmd::BuildArgs>),
+    /// Accuracy gate: a candidate engine's embeddings against a reference; exit 0 pass, 1 fail.
+    Gate(Box<gate_cmd::GateArgs>),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +57,8 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Embed(args) => embed::run(args),
         Command::Translate(args) => translate::run(args),
+        Command::Build(args) => build_cmd::run(args),
+        Command::Gate(args) => gate_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

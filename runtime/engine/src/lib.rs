@@ -24,17 +24,17 @@ use std::time::Duration;
 
 use virnuc_core::{ModelMetadata, PackedBatch};
 
-pub mod custom_op;
-pub mod manifest;
 pub mod autotune;
 mod cuda_graph;
+pub mod custom_op;
 pub mod engine_build;
-pub mod trt_config;
+pub mod manifest;
 mod model;
 mod ort_engine;
 pub mod runtime;
 mod tensorrt;
 mod thread;
+pub mod trt_config;
 pub mod varlen;
 
 #[cfg(feature = "cuda")]
