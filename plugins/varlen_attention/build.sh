@@ -37,7 +37,7 @@ done
 
 stamp="$out/sources.sha256"
 want="$(cat "$src/varlen_attention.cu" "$src/varlen_attention_launch.h" "$src/attributes.h" "$src/tests/validate_test.cpp" \
-  "$0" | sha256sum | cut -d' ' -f1)"
+  "$src"/tensorrt/* "$0" | sha256sum | cut -d' ' -f1)${TENSORRT_INCLUDE_DIR:+-trt}"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -f "$out/varlen_attention.fatbin" ]]; then
   echo "varlen_attention: up to date ($out/varlen_attention.fatbin)" >&2
   exit 0
@@ -73,6 +73,18 @@ mv "$out/varlen_attention.fatbin.tmp" "$out/varlen_attention.fatbin"
 "${CXX:-g++}" -std=c++17 -Wall -Wextra -Werror -I"$src" -o "$out/validate_test" "$src/tests/validate_test.cpp" \
   || die "validate_test compile failed"
 "$out/validate_test" || die "validate_test failed"
+
+# The TensorRT plugin against real TensorRT headers, when some are at hand ($TENSORRT_INCLUDE_DIR:
+# a TensorRT install's include/ or the NVIDIA/TensorRT repository's): compiled, not linked.
+if [[ -n "${TENSORRT_INCLUDE_DIR:-}" ]]; then
+  cuda_inc="$(dirname "$(dirname "$nvcc")")/include"
+  for def in -DVIRNUC_TRT_STATIC_REGISTRATION -UVIRNUC_TRT_STATIC_REGISTRATION; do
+    "${CXX:-g++}" -std=c++17 -Wall -Wextra -Werror -fsyntax-only "$def" -isystem "$TENSORRT_INCLUDE_DIR" \
+      -isystem "$cuda_inc" -I"$src" "$src/tensorrt/varlen_attention_plugin.cpp" \
+      || die "TensorRT plugin does not compile against $TENSORRT_INCLUDE_DIR"
+  done
+  echo "varlen_attention: TensorRT plugin compiles against $TENSORRT_INCLUDE_DIR" >&2
+fi
 
 echo "$want" >"$stamp"
 echo "varlen_attention: built $out/varlen_attention.fatbin ($(stat -c %s "$out/varlen_attention.fatbin") bytes, ${#kernels[@]} kernels)" >&2

@@ -1,7 +1,8 @@
 // TensorRT IPluginV3 wrapper of the VarlenAttention kernel. Thin on purpose: shape/attribute rules
 // live in varlen_attention_launch.h and attributes.h (tested with g++ by build.sh), the math in
 // varlen_attention.cu (tested on the GPU machine). Every TensorRT-facing method is noexcept and
-// wraps its body in try/catch. NOT COMPILED OR RUN here (no TensorRT in this workplace).
+// wraps its body in try/catch. Never linked or run here (no TensorRT in this workplace); compiled
+// against the public TensorRT 10.9 / 11.1 headers (build.sh with TENSORRT_INCLUDE_DIR).
 #include "varlen_attention_plugin.h"
 
 #include <cstdio>
@@ -275,11 +276,17 @@ nvinfer1::IPluginV3* VarlenAttentionPluginCreator::createPlugin(const char* /*na
 }  // namespace trt
 }  // namespace virnuc
 
-// Static registration (TensorRT loads the library and finds the creator) ...
-REGISTER_TENSORRT_PLUGIN(virnuc::trt::VarlenAttentionPluginCreator);
+// Two ways TensorRT finds the creator; a library loaded both ways would register it twice, so the
+// build picks (CMake option VIRNUC_TRT_STATIC_REGISTRATION):
+#ifdef VIRNUC_TRT_STATIC_REGISTRATION
+// registration when the library is dlopen'ed: ONNX Runtime's trt_extra_plugin_lib_paths,
+// trtexec --plugins, ctypes.CDLL in Python;
+using virnuc::trt::VarlenAttentionPluginCreator;
+REGISTER_TENSORRT_PLUGIN(VarlenAttentionPluginCreator);
+#endif
 
-// ... and the entry point TensorRT 10 looks up in plugin libraries it loads itself
-// (IPluginRegistry::loadLibrary, trtexec --dynamicPlugins).
+// the entry point IPluginRegistry::loadLibrary looks up (trtexec --dynamicPlugins); harmless when
+// the library is only dlopen'ed.
 extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
   static virnuc::trt::VarlenAttentionPluginCreator creator;
   static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};

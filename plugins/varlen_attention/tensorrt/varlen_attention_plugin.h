@@ -1,8 +1,9 @@
 // TensorRT (>= 10) IPluginV3 wrapper of the VarlenAttention CUDA kernel (../varlen_attention.cu).
 // Plugin name "VarlenAttention", version "1", namespace "": what TensorRT's ONNX parser looks up
-// for a node of op type VarlenAttention with no plugin_version / plugin_namespace attributes (the
-// parser's fallback plugin importer ignores the node's domain, so com.virnuc:VarlenAttention maps
-// here). NOT COMPILED OR RUN in this project's workplace (no TensorRT there): see ../README.md.
+// for a node of op type VarlenAttention with no plugin_version / plugin_namespace attributes (its
+// fallback plugin importer looks up the op type with namespace "" first, so
+// com.virnuc:VarlenAttention maps here). Never linked or run in this project's workplace (no TensorRT there; compiled against the
+// public headers only): see ../README.md.
 #pragma once
 
 #include <NvInferRuntime.h>
