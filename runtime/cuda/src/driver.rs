@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use cudarc::driver::{result, sys};
 
 use crate::CudaError;
-use crate::geometry::{DType, Problem, kernel_name, launch_config};
+use crate::geometry::{DType, HEAD_DIMS, Problem, kernel_name, launch_config};
 
 /// File name of the artifact `plugins/varlen_attention/build.sh` writes.
 pub const FATBIN_NAME: &str = "varlen_attention.fatbin";
@@ -143,6 +143,12 @@ impl VarlenKernels {
         else {
             return Ok(());
         };
+        if !HEAD_DIMS.contains(&problem.head_dim) {
+            return Err(CudaError::Invalid(format!(
+                "head_dim {} has no GPU kernel (16, 24, 32, 64, 128)",
+                problem.head_dim
+            )));
+        }
         if ptrs.qkv == 0
             || ptrs.cu_seqlens == 0
             || ptrs.out == 0

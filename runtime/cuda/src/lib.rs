@@ -111,6 +111,47 @@ mod tests {
     }
 
     #[test]
+    fn launch_refuses_bad_arguments_before_any_driver_call() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(DEFAULT_KERNEL_DIR);
+        let Ok(k) = VarlenKernels::open(&dir) else {
+            return;
+        };
+        let p = Problem {
+            total_tokens: 4,
+            batch: 1,
+            num_heads: 1,
+            head_dim: 48,
+            dtype: DType::F16,
+            scale: 0.1,
+            rotary: true,
+            rotary_base: 10000.0,
+        };
+        let ptrs = DevicePointers {
+            qkv: 1,
+            cu_seqlens: 1,
+            position_ids: 1,
+            out: 1,
+        };
+        // SAFETY: rejected before any pointer is used.
+        let err = unsafe { k.launch(std::ptr::null_mut(), &p, &ptrs) }
+            .expect_err("D=48")
+            .to_string();
+        assert!(err.contains("head_dim 48"), "{err}");
+        let p = Problem { head_dim: 64, ..p };
+        let null = DevicePointers {
+            position_ids: 0,
+            ..ptrs
+        };
+        // SAFETY: rejected before any pointer is used.
+        let err = unsafe { k.launch(std::ptr::null_mut(), &p, &null) }
+            .expect_err("null")
+            .to_string();
+        assert!(err.contains("null device pointer"), "{err}");
+    }
+
+    #[test]
     fn without_a_driver_the_error_says_so() {
         // On a machine with the NVIDIA driver this passes trivially; on CI (no driver) it checks
         // the loud failure instead of cudarc's panic.
