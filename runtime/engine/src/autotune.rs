@@ -21,6 +21,18 @@ pub const GPU_BUDGETS: [usize; 5] = [4096, 8192, 16384, 32768, 65536];
 /// Default candidates on the CPU (attention memory and cache behaviour favour small packs there).
 pub const CPU_BUDGETS: [usize; 4] = [1024, 2048, 4096, 8192];
 
+/// Default candidates for a device and attention flavor. The `masked` flavor materializes a `T × T`
+/// mask and score matrix per head (O(T²) memory: 5 GB a layer at 8192 tokens and 20 heads), so its
+/// candidates stop where that stays small.
+pub fn default_budgets(gpu: bool, attention: &str) -> Vec<usize> {
+    match (gpu, attention == "masked") {
+        (true, false) => GPU_BUDGETS.to_vec(),
+        (false, false) => CPU_BUDGETS.to_vec(),
+        (true, true) => vec![1024, 2048, 4096],
+        (false, true) => vec![512, 1024, 2048],
+    }
+}
+
 /// A small deterministic generator (SplitMix64): the packs must be the same on every host.
 #[derive(Debug, Clone)]
 pub struct SplitMix(u64);
@@ -278,6 +290,14 @@ mod tests {
         assert_eq!(choose_budget(&rows, true), None);
         assert_eq!(choose_budget(&[row(4096, false, None)], false), None);
         assert_eq!(best_speed(&rows, false), Some(205.0));
+    }
+
+    #[test]
+    fn masked_attention_gets_small_default_budgets() {
+        assert_eq!(default_budgets(true, "ort"), GPU_BUDGETS.to_vec());
+        assert_eq!(default_budgets(false, "virnuc"), CPU_BUDGETS.to_vec());
+        assert!(default_budgets(false, "masked").iter().all(|&b| b <= 2048));
+        assert!(default_budgets(true, "masked").iter().all(|&b| b <= 4096));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use virnuc_core::ModelMetadata;
 
-use crate::autotune::{self, CPU_BUDGETS, GPU_BUDGETS};
+use crate::autotune;
 use crate::manifest::{
     AutotuneRow, CudaGraphSetting, DeviceKind, HostFacts, MANIFEST_FILE, MANIFEST_FORMAT, Manifest,
     SourceModel, TensorRtSetting,
@@ -115,7 +115,7 @@ pub struct BuildOptions {
     pub out: PathBuf,
     pub ort_lib: Option<PathBuf>,
     pub opt_level: OptLevel,
-    /// Candidate token budgets; empty = [`GPU_BUDGETS`] / [`CPU_BUDGETS`].
+    /// Candidate token budgets; empty = [`autotune::default_budgets`].
     pub budgets: Vec<usize>,
     /// Skip the autotune and record this budget.
     pub fixed_budget: Option<usize>,
@@ -562,8 +562,9 @@ pub fn build_engine(options: &BuildOptions, log: &mut dyn FnMut(&str)) -> Result
     // TensorRT options (profiles cover the largest candidate budget; the autotuned one is recorded).
     let budgets: Vec<usize> = match options.fixed_budget {
         Some(b) => vec![b],
-        None if options.budgets.is_empty() && ep == Ep::Cpu => CPU_BUDGETS.to_vec(),
-        None if options.budgets.is_empty() => GPU_BUDGETS.to_vec(),
+        None if options.budgets.is_empty() => {
+            autotune::default_budgets(ep != Ep::Cpu, &meta.attention)
+        }
         None => {
             let mut b = options.budgets.clone();
             b.sort_unstable();
