@@ -33,7 +33,8 @@ pub struct BuildArgs {
     #[arg(long, default_value = "extended")]
     pub opt_level: OptLevel,
     /// Candidate token budgets for the autotune, comma-separated.
-    /// [default: 4096,8192,16384,32768,65536 on a GPU; 1024,2048,4096,8192 on the CPU]
+    /// [default: 4096,8192,16384,32768,65536 on a GPU; 1024,2048,4096,8192 on the CPU; smaller
+    /// for the O(T²) `masked` flavor]
     #[arg(long, value_delimiter = ',')]
     pub budgets: Vec<usize>,
     /// Skip the autotune and record this budget.
