@@ -163,6 +163,10 @@ mod enabled {
                 .run_binding(&self.binding)
                 .ctx(|| "CUDA graph run".into())?;
             drop(outputs);
+            // The copy back runs on another stream: wait for the replay to finish first.
+            self.binding
+                .synchronize_outputs()
+                .ctx(|| "synchronize the CUDA graph's outputs".into())?;
             let compute = start.elapsed();
             let host = self
                 .mean

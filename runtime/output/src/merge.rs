@@ -229,6 +229,8 @@ impl FloatRows {
     }
 }
 
+const IDS_CHUNK_ROWS: usize = 4096;
+
 /// Rows of a chunk of about [`CHUNK_BYTES`], at least 1 and at most `total` (HDF5 refuses chunks
 /// larger than a fixed-size dimension).
 fn chunk_rows(total: u64, row_bytes: usize) -> usize {
@@ -315,17 +317,15 @@ pub(crate) fn write_final(
     let n = usize::try_from(expected)
         .map_err(|_| OutputError::Internal(format!("{expected} sequences do not fit in memory")))?;
     let h = layout.hidden;
+    // A variable-length string element is a 16-byte global-heap reference, but writing one also
+    // allocates its string (here and in HDF5's heap), so id chunks hold a fixed 4096 rows rather
+    // than 512 KiB of references.
+    let ids_chunk = IDS_CHUNK_ROWS.min(n);
     let mut ids = Rows::<VarLenUnicode>::new(
-        new_dataset::<VarLenUnicode>(
-            &file,
-            "sequence_ids",
-            &[n],
-            &[chunk_rows(expected, 128)],
-            path,
-        )?,
+        new_dataset::<VarLenUnicode>(&file, "sequence_ids", &[n], &[ids_chunk], path)?,
         "sequence_ids",
         1,
-        chunk_rows(expected, 128),
+        ids_chunk,
     );
     let emb_chunk = chunk_rows(expected, layout.row_bytes());
     let float_rows = |name: &'static str, rows: usize, chunk: usize| -> Result<_, OutputError> {
