@@ -134,7 +134,7 @@ impl ModelConfig {
 
     pub fn from_yaml_str(text: &str) -> Result<Self, String> {
         let config: Self = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
-        if config.num_heads == 0 || config.hidden_size % config.num_heads != 0 {
+        if config.num_heads == 0 || !config.hidden_size.is_multiple_of(config.num_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_heads {}",
                 config.hidden_size, config.num_heads
