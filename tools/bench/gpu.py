@@ -181,10 +181,10 @@ def matmul_ceiling_tflops(use_cuda: bool, size: int = 8192, iters: int = 100) ->
         del a, b
         torch.cuda.empty_cache()
         return 2.0 * size**3 * iters / seconds / 1e12
-    n = 1024
+    n, reps = 2048, 5
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.matmul(a, b)
     t0 = time.perf_counter()
-    for _ in range(5):
+    for _ in range(reps):
         torch.matmul(a, b)
-    return 2.0 * n**3 * 5 / (time.perf_counter() - t0) / 1e12
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0) / 1e12

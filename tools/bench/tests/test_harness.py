@@ -103,3 +103,11 @@ def test_table_rows_and_ratios():
         "m w virnuc-trt fp16 / torch-packed = 1.50x",
         "m w virnuc-trt fp32 / hf-eager = 3.00x",
     ]
+
+
+def test_virnuc_report_load_time_is_engine_open_plus_warmup():
+    from virnuc import load_seconds
+
+    report_json = {"engine_open_s": 2.5, "warmup_s": 0.75, "wall_s": 9.0, "data": {"records_read": 3}}
+    assert load_seconds(report_json) == pytest.approx(3.25)
+    assert load_seconds({"wall_s": 9.0}) is None
