@@ -78,12 +78,16 @@ __device__ __forceinline__ bool locate(const int* __restrict__ cu, int batch, in
   return w.q0 >= 0 && w.q0 < w.len;
 }
 
-// inv_freq[i] = float32(base ** (-2i / D)): evaluated in double and rounded once, so every
-// implementation that rounds the exact value agrees bit for bit.
+// inv_freq[i] = 1 / base ** (2i / D) in float32, the way HF's EsmRotaryEmbedding (and fair-esm, the
+// exporter's reference graph and the CPU op) compute it: exponent 2i/D as a float32 division, the
+// power rounded to float32 (evaluated in double here, so it is the correctly rounded value that
+// glibc's powf also returns), then a float32 reciprocal.
 template <int D>
 __device__ __forceinline__ void rotary_frequencies(float* inv_freq, float base) {
   for (int i = static_cast<int>(threadIdx.x); i < D / 2; i += static_cast<int>(blockDim.x)) {
-    inv_freq[i] = static_cast<float>(pow(static_cast<double>(base), -2.0 * i / D));
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(D);
+    const float power = static_cast<float>(pow(static_cast<double>(base), static_cast<double>(exponent)));
+    inv_freq[i] = 1.0f / power;
   }
 }
 

@@ -45,8 +45,13 @@ fn reference(
     let width = 3 * heads * d;
     let total: usize = lens.iter().sum();
     let half = d / 2;
+    // As HF's EsmRotaryEmbedding: 1 / base^(2i/D), exponent and power in f32 (the power correctly
+    // rounded, as glibc's powf returns it).
     let inv: Vec<f32> = (0..half)
-        .map(|i| 10000f64.powf(-2.0 * i as f64 / d as f64) as f32)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / d as f32;
+            1.0 / (10000f64.powf(f64::from(exponent)) as f32)
+        })
         .collect();
     let mut out = vec![0.0; total * heads * d];
     let mut start = 0;

@@ -120,9 +120,12 @@ def make_pack(
 
 
 def inv_freq_f32(head_dim: int, base: float) -> torch.Tensor:
-    """float32 nearest to base ** (-2i/D), as the contract says."""
-    i = np.arange(head_dim // 2, dtype=np.float64)
-    return torch.from_numpy((float(np.float32(base)) ** (-2.0 * i / head_dim)).astype(np.float32))
+    """1 / base ** (2i / D) in float32, as HF's EsmRotaryEmbedding computes it (the contract)."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    # The float32 power correctly rounded (through float64), as glibc's powf and the kernel give it:
+    # numpy's own float32 power may differ by an ulp depending on its version and SIMD path.
+    power = (float(np.float32(base)) ** exponent.astype(np.float64)).astype(np.float32)
+    return torch.from_numpy((np.float32(1.0) / power).astype(np.float32))
 
 
 def reference(
