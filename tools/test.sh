@@ -14,6 +14,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 ruff check .
 ruff format --check .
 
+step "CUDA kernel: compile for sm_80/sm_90 with warnings as errors (no GPU needed)"
+bash plugins/varlen_attention/build.sh
+
 step "rust tests"
 cargo test --workspace --locked
 
