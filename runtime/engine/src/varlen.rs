@@ -255,37 +255,61 @@ fn attend_one_head<T: Element>(
         }
     }
     let mut out = vec![0f32; len * d];
-    let mut scores = vec![0f32; len];
-    for i in 0..len {
-        let qi = &q[i * d..(i + 1) * d];
-        scores.fill(0.0);
-        for (c, &qc) in qi.iter().enumerate() {
-            let kc = &kt[c * len..(c + 1) * len];
-            for (s, &k) in scores.iter_mut().zip(kc) {
-                *s += qc * k;
+    // Scores of 4 queries at a time: each key row loaded once feeds 4 accumulators.
+    const QB: usize = 4;
+    let mut block = vec![0f32; QB * len];
+    let mut i0 = 0;
+    while i0 < len {
+        let nq = QB.min(len - i0);
+        block.fill(0.0);
+        {
+            let (b0, rest) = block.split_at_mut(len);
+            let (b1, rest) = rest.split_at_mut(len);
+            let (b2, b3) = rest.split_at_mut(len);
+            let qv = |r: usize, c: usize| if r < nq { q[(i0 + r) * d + c] } else { 0.0 };
+            for c in 0..d {
+                let kc = &kt[c * len..(c + 1) * len];
+                let (q0, q1, q2, q3) = (qv(0, c), qv(1, c), qv(2, c), qv(3, c));
+                for ((((&k, s0), s1), s2), s3) in kc
+                    .iter()
+                    .zip(b0.iter_mut())
+                    .zip(b1.iter_mut())
+                    .zip(b2.iter_mut())
+                    .zip(b3.iter_mut())
+                {
+                    *s0 += q0 * k;
+                    *s1 += q1 * k;
+                    *s2 += q2 * k;
+                    *s3 += q3 * k;
+                }
             }
         }
-        let mut max = f32::NEG_INFINITY;
-        for s in scores.iter_mut() {
-            *s *= scale;
-            max = max.max(*s);
-        }
-        let mut denom = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            denom += *s;
-        }
-        let oi = &mut out[i * d..(i + 1) * d];
-        for (j, &p) in scores.iter().enumerate() {
-            let vj = &v[j * d..(j + 1) * d];
-            for (o, &x) in oi.iter_mut().zip(vj) {
-                *o += p * x;
+        for r in 0..nq {
+            let i = i0 + r;
+            let scores = &mut block[r * len..(r + 1) * len];
+            let mut max = f32::NEG_INFINITY;
+            for s in scores.iter_mut() {
+                *s *= scale;
+                max = max.max(*s);
+            }
+            let mut denom = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                denom += *s;
+            }
+            let oi = &mut out[i * d..(i + 1) * d];
+            for (j, &p) in scores.iter().enumerate() {
+                let vj = &v[j * d..(j + 1) * d];
+                for (o, &x) in oi.iter_mut().zip(vj) {
+                    *o += p * x;
+                }
+            }
+            let inv = 1.0 / denom;
+            for o in oi.iter_mut() {
+                *o *= inv;
             }
         }
-        let inv = 1.0 / denom;
-        for o in oi.iter_mut() {
-            *o *= inv;
-        }
+        i0 += QB;
     }
     out
 }
