@@ -87,7 +87,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     // Warm up at the largest pack on GPUs (allocations, kernel choices); the CPU needs none.
     let warmup = (s.ep != Ep::Cpu).then_some(s.toks_per_batch);
     let (engine, results) = EngineThread::spawn(options, warmup, s.prefetch)
-        .with_context(|| format!("cannot open model {}", s.model.display()))?;
+        .with_context(|| format!("cannot start the engine for {}", s.model.display()))?;
     let info = engine.info().clone();
     if info.ep == "cpu" && !s.toks_per_batch_set {
         // `auto` ended on the CPU: use the CPU's budget (attention memory grows with the pack).
