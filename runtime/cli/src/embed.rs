@@ -12,10 +12,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use virnuc_data::RunReport;
+use virnuc_engine::engine_build::check_engine_dir;
 use virnuc_engine::{EngineInfo, EngineOptions, EngineThread, EngineThreadStats, Ep};
 use virnuc_output::{EmbeddingWriter, FinishSummary, OutputConfig, OutputError};
 
-use crate::settings::{CPU_TOKS_PER_BATCH, EmbedArgs, EmbedSettings};
+use crate::settings::{CPU_TOKS_PER_BATCH, EmbedArgs, EmbedSettings, usage};
 
 /// The JSON run report.
 #[derive(Debug, Serialize)]
@@ -77,19 +78,53 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     let mut s = EmbedSettings::resolve(args)?;
     precheck_output(&s)?;
 
-    let mut options = EngineOptions::new(&s.model, s.ep);
-    options.ort_lib = s.ort_lib.clone();
-    options.device_id = s.device;
+    let mut options = match &s.engine {
+        Some(dir) => {
+            let checked = check_engine_dir(dir, s.ort_lib.as_deref(), s.device_set, s.force)
+                .with_context(|| format!("engine {}", dir.display()))?;
+            if let Some(m) = &checked.forced_mismatch {
+                eprintln!("virnuc-trt: warning: --force: {m}");
+            }
+            if s.ep != Ep::Auto && s.ep != checked.options.ep {
+                return usage(format!(
+                    "--ep {} but engine {} was built for {}",
+                    s.ep.name(),
+                    dir.display(),
+                    checked.manifest.ep
+                ));
+            }
+            s.ep = checked.options.ep;
+            s.device = checked.options.device_id;
+            if !s.toks_per_batch_set {
+                // The budget `build` tuned for this engine and device.
+                // BROKEN s.toks_per_batch = checked.budget;
+            }
+            checked.options
+        }
+        None => {
+            let mut o = EngineOptions::new(&s.model, s.ep);
+            o.ort_lib = s.ort_lib.clone();
+            o.device_id = s.device;
+            o.trt_cache_dir = s.trt_cache.clone();
+            o
+        }
+    };
     options.intra_threads = s.threads;
     options.per_token = s.per_token;
     options.skip_hash = s.skip_hash;
-    options.trt_cache_dir = s.trt_cache.clone();
+    options.kernel_dir = s.kernel_dir.clone();
+    if s.engine.is_some() {
+        // An engine's TensorRT cache is its own folder, unless --trt-cache says otherwise.
+        if let Some(c) = &s.trt_cache {
+            options.trt_cache_dir = Some(c.clone());
+        }
+    }
     // Warm up at the largest pack on GPUs (allocations, kernel choices); the CPU needs none.
     let warmup = (s.ep != Ep::Cpu).then_some(s.toks_per_batch);
     let (engine, results) = EngineThread::spawn(options, warmup, s.prefetch)
         .with_context(|| format!("cannot start the engine for {}", s.model.display()))?;
     let info = engine.info().clone();
-    if info.ep == "cpu" && !s.toks_per_batch_set {
+    if info.ep == "cpu" && !s.toks_per_batch_set && s.engine.is_none() {
         // `auto` ended on the CPU: use the CPU's budget (attention memory grows with the pack).
         s.toks_per_batch = CPU_TOKS_PER_BATCH;
     }

@@ -60,6 +60,18 @@ pub struct EmbedArgs {
     /// Exported model: a folder with model.onnx + model.json, or a .onnx file with its .json.
     #[arg(long, short = 'm', value_name = "DIR|FILE", env = "VIRNUC_MODEL")]
     pub model: Option<PathBuf>,
+    /// Engine folder made by `virnuc-trt build` (instead of --model): its manifest gives the
+    /// provider and the tuned --toks-per-batch, and is checked against this host first.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "VIRNUC_ENGINE",
+        conflicts_with = "model"
+    )]
+    pub engine: Option<PathBuf>,
+    /// Run an --engine folder even when its manifest does not match this host (warns).
+    #[arg(long)]
+    pub force: bool,
     /// Output HDF5 file (written atomically; `<OUT>.partial/` holds work in progress).
     #[arg(long, short = 'o', value_name = "FILE.h5")]
     pub out: Option<PathBuf>,
@@ -108,6 +120,10 @@ pub struct EmbedArgs {
     /// TensorRT engine and timing cache folder.
     #[arg(long, value_name = "DIR")]
     pub trt_cache: Option<PathBuf>,
+    /// Folder of varlen_attention.fatbin (`virnuc`-flavor models on cuda/tensorrt). [default:
+    /// $VIRNUC_KERNEL_DIR, else varlen_attention/ beside the binary, else build/varlen_attention]
+    #[arg(long, value_name = "PATH")]
+    pub kernel_dir: Option<PathBuf>,
     /// Sequences per output shard (the work lost to a crash). [default: 4096]
     #[arg(long, value_name = "N")]
     pub shard_sequences: Option<usize>,
@@ -148,6 +164,9 @@ impl Precision {
 pub struct RunConfig {
     pub inputs: Option<Vec<PathBuf>>,
     pub model: Option<PathBuf>,
+    pub engine: Option<PathBuf>,
+    pub force: Option<bool>,
+    pub kernel_dir: Option<PathBuf>,
     pub out: Option<PathBuf>,
     pub mode: Option<Mode>,
     pub chunk: Option<usize>,
@@ -188,6 +207,8 @@ impl RunConfig {
         c.inputs.iter_mut().flatten().for_each(fix);
         for p in [
             &mut c.model,
+            &mut c.engine,
+            &mut c.kernel_dir,
             &mut c.out,
             &mut c.report,
             &mut c.ort_lib,
@@ -206,7 +227,14 @@ impl RunConfig {
 #[derive(Debug, Clone)]
 pub struct EmbedSettings {
     pub inputs: Vec<PathBuf>,
+    /// The model folder/file, or the --engine folder.
     pub model: PathBuf,
+    /// `--engine DIR`: open through its manifest (provider, budget, host check).
+    pub engine: Option<PathBuf>,
+    pub force: bool,
+    /// `--device` as given (an engine's manifest has its own device index).
+    pub device_set: Option<i32>,
+    pub kernel_dir: Option<PathBuf>,
     pub out: PathBuf,
     pub mode: Mode,
     pub chunk: usize,
@@ -246,8 +274,16 @@ impl EmbedSettings {
         if inputs.is_empty() {
             return usage("no input files (give INPUT... or `inputs:` in --config)");
         }
-        let Some(model) = args.model.clone().or(c.model.clone()) else {
-            return usage("--model is required (an exported model folder or .onnx file)");
+        let engine = args.engine.clone().or(c.engine.clone());
+        let model = match (args.model.clone().or(c.model.clone()), &engine) {
+            (Some(_), Some(_)) => return usage("give --model or --engine, not both"),
+            (Some(m), None) => m,
+            (None, Some(e)) => e.clone(),
+            (None, None) => {
+                return usage(
+                    "--model is required (an exported model folder or .onnx file), or --engine DIR",
+                );
+            }
         };
         let Some(out) = args.out.clone().or(c.out.clone()) else {
             return usage("--out is required (the .h5 file to write)");
@@ -269,6 +305,10 @@ impl EmbedSettings {
         let settings = Self {
             inputs,
             model,
+            engine,
+            force: args.force || c.force.unwrap_or(false),
+            device_set: args.device.or(c.device),
+            kernel_dir: args.kernel_dir.clone().or(c.kernel_dir.clone()),
             out,
             mode: args.data.mode.or(c.mode).unwrap_or_default(),
             chunk,

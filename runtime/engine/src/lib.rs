@@ -28,6 +28,7 @@ pub mod autotune;
 mod cuda_graph;
 pub mod custom_op;
 pub mod engine_build;
+pub mod kernel_dir;
 pub mod manifest;
 mod model;
 mod ort_engine;
@@ -142,6 +143,10 @@ pub struct EngineOptions {
     pub skip_hash: bool,
     /// TensorRT: where engines and timing caches go.
     pub trt_cache_dir: Option<PathBuf>,
+    /// `--kernel-dir`: folder of `varlen_attention.fatbin` for `virnuc`-flavor models on CUDA or
+    /// TensorRT (else `$VIRNUC_KERNEL_DIR`, else beside the binary, else `build/varlen_attention`;
+    /// see [`kernel_dir::resolve_kernel_dir`]).
+    pub kernel_dir: Option<PathBuf>,
 }
 
 impl EngineOptions {
@@ -155,6 +160,7 @@ impl EngineOptions {
             per_token: false,
             skip_hash: false,
             trt_cache_dir: None,
+            kernel_dir: None,
         }
     }
 }

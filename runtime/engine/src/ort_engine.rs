@@ -14,7 +14,8 @@ use crate::runtime::{OrtLibrary, environment};
 use crate::{Embeddings, EngineError, EngineInfo, EngineOptions, OrtContext, Result, custom_op};
 
 /// Builds a session on `eps` (registered with `error_on_failure`: a provider that cannot be
-/// registered is an error, never a quiet CPU run) with the VarlenAttention CPU op available.
+/// registered is an error, never a quiet CPU run) with the VarlenAttention CPU op available, plus
+/// its CUDA kernel on GPU sessions of `virnuc`-flavor models.
 pub(crate) fn build_session(
     options: &EngineOptions,
     files: &ModelFiles,
@@ -50,6 +51,14 @@ pub(crate) fn build_session(
             .ctx(|| "session options".into())?;
     }
     let domain = custom_op::domain().ctx(|| "cannot build the VarlenAttention op".into())?;
+    // GPU sessions of the `virnuc` flavor get the CUDA kernel in the same `com.virnuc` domain
+    // (ONNX Runtime takes one domain object per name); the CPU op stays for nodes placed on the CPU.
+    #[cfg(feature = "cuda")]
+    let domain = if ep_label != "cpu" && meta.attention == "virnuc" {
+        crate::kernel_dir::add_cuda_op(domain, options.kernel_dir.as_deref(), ep_label)?
+    } else {
+        domain
+    };
     builder = builder
         .with_operators(domain)
         .ctx(|| "cannot register the VarlenAttention op".into())?;
@@ -141,14 +150,9 @@ pub(crate) fn make_info(
             files.onnx.display()
         )));
     }
-    let note = (ep != "cpu" && metadata.attention == "virnuc").then(|| {
-        "VarlenAttention runs on the CPU custom op (no GPU kernel registered): correct but slow; \
-         export with --attention ort for the CUDA provider"
-            .to_string()
-    });
     Ok(EngineInfo {
         ep,
-        ep_note: note,
+        ep_note: None,
         hidden_size: metadata.model.hidden_size as usize,
         metadata,
         model_path: files.onnx.clone(),

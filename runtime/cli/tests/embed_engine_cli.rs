@@ -1,0 +1,128 @@
+//! `virnuc-trt embed --engine DIR`: the manifest's tuned budget is the default --toks-per-batch,
+//! a manifest that does not match the host is refused unless --force (which warns), and the
+//! engine's embeddings are those of the plain --model run. Needs the venv's Python for the export
+//! (tools/test.sh activates it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn virnuc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_virnuc-trt"))
+        .args(args)
+        .output()
+        .expect("run virnuc-trt")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn report(path: &Path) -> serde_json::Value {
+    let t = std::fs::read_to_string(path).expect("report");
+    serde_json::from_str(&t).expect("report JSON")
+}
+
+#[test]
+fn embed_engine_uses_manifest_budget_and_refuses_forged_manifest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("model");
+    let python = std::env::var("VIRNUC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args([
+            "-m",
+            "virnuc_export",
+            "--random",
+            "esm2_t6_8M",
+            "--seed",
+            "5",
+        ])
+        .args(["--attention", "masked", "--out"])
+        .arg(&model)
+        .env("PYTHONPATH", root().join("export"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python} ({e}): source tools/setup.sh first"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = model.to_str().expect("utf-8");
+    let engine = dir.path().join("engine");
+    let e = engine.to_str().expect("utf-8");
+    // 1030: neither the CPU default (2048) nor the GPU one (16384).
+    let o = virnuc(&[
+        "build", "--model", m, "--ep", "cpu", "--out", e, "--budget", "1030",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let fasta = dir.path().join("p.fa");
+    std::fs::write(
+        &fasta,
+        ">a\nMKTAYIAKQRQISFVKSHFSRQ\n>b\nMSEQNNTEMTFQIQRIYTKDIS\n>c\nMVLSPADKTNVKAAW\n",
+    )
+    .expect("fasta");
+    let f = fasta.to_str().expect("utf-8");
+    let run = |name: &str, extra: &[&str]| {
+        let h5 = dir.path().join(format!("{name}.h5"));
+        let rep = dir.path().join(format!("{name}.json"));
+        let mut args = vec![
+            "embed",
+            f,
+            "--mode",
+            "protein",
+            "-q",
+            "--out",
+            h5.to_str().expect("utf-8"),
+            "--report",
+            rep.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        (virnuc(&args), rep)
+    };
+
+    let (o, rep) = run("engine", &["--engine", e]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r = report(&rep);
+    assert_eq!(r["token_budget"], 1030, "{r}");
+    assert_eq!(r["sequences"], 3, "{r}");
+
+    // An explicit budget still wins over the manifest's.
+    let (o, rep) = run("explicit", &["--engine", e, "--toks-per-batch", "900"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(report(&rep)["token_budget"], 900);
+
+    // --engine and --model together are a usage error.
+    let (o, _) = run("both", &["--engine", e, "--model", m]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+
+    // A manifest from another host (another ONNX Runtime version): refused, then forced with a warning.
+    let path = engine.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");
+    manifest["ort_version"] = "0.0.0-forged".into();
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&manifest).expect("json"),
+    )
+    .expect("write");
+    let (o, _) = run("forged", &["--engine", e]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("ONNX Runtime version"), "{}", text(&o));
+    assert!(err.contains("0.0.0-forged"), "{}", text(&o));
+    let (o, rep) = run("forced", &["--engine", e, "--force"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("warning: --force"), "{}", text(&o));
+    assert!(err.contains("0.0.0-forged"), "{}", text(&o));
+    assert_eq!(report(&rep)["token_budget"], 1030);
+}
