@@ -97,7 +97,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
             s.device = checked.options.device_id;
             if !s.toks_per_batch_set {
                 // The budget `build` tuned for this engine and device.
-                // BROKEN s.toks_per_batch = checked.budget;
+                s.toks_per_batch = checked.budget;
             }
             checked.options
         }
