@@ -103,6 +103,32 @@ mod tests {
         );
     }
 
+    /// A missing kernel is a provider error naming the folder, the build command and the flag
+    /// (the session is never built with the CPU op alone on a GPU provider).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn missing_fatbin_is_a_clear_provider_error() {
+        crate::runtime::init(None).expect("ONNX Runtime (source tools/setup.sh)");
+        let domain = crate::custom_op::domain().expect("CPU domain");
+        let dir = Path::new("/nonexistent/virnuc-kernels");
+        let Err(err) = add_cuda_op(domain, Some(dir), "cuda") else {
+            panic!("a kernel folder without the fatbin was accepted");
+        };
+        let msg = err.to_string();
+        assert!(
+            matches!(err, crate::EngineError::Provider { ep: "cuda", .. }),
+            "{msg}"
+        );
+        for needle in [
+            "/nonexistent/virnuc-kernels",
+            "plugins/varlen_attention/build.sh",
+            "--kernel-dir",
+            KERNEL_DIR_ENV,
+        ] {
+            assert!(msg.contains(needle), "{needle} missing from: {msg}");
+        }
+    }
+
     #[cfg(feature = "cuda")]
     #[test]
     fn constants_match_virnuc_cuda() {
