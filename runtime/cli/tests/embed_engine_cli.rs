@@ -104,6 +104,15 @@ fn embed_engine_uses_manifest_budget_and_refuses_forged_manifest() {
     let (o, _) = run("both", &["--engine", e, "--model", m]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 
+    // A provider other than the engine's is a usage error, not a quiet switch.
+    let (o, _) = run("other-ep", &["--engine", e, "--ep", "cuda"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("built for cpu"),
+        "{}",
+        text(&o)
+    );
+
     // A manifest from another host (another ONNX Runtime version): refused, then forced with a warning.
     let path = engine.join("manifest.json");
     let mut manifest: serde_json::Value =
