@@ -65,6 +65,10 @@ pub struct BuildArgs {
     /// The ONNX Runtime shared library.
     #[arg(long, env = "ORT_DYLIB_PATH", value_name = "FILE")]
     pub ort_lib: Option<PathBuf>,
+    /// Folder of varlen_attention.fatbin (`virnuc` attention on cuda/tensorrt). [default:
+    /// $VIRNUC_KERNEL_DIR, else varlen_attention/ beside the binary, else build/varlen_attention]
+    #[arg(long, value_name = "PATH")]
+    pub kernel_dir: Option<PathBuf>,
 }
 
 pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
@@ -84,6 +88,7 @@ pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
     o.trt_ep_context = !args.no_ep_context;
     o.intra_threads = args.threads;
     o.overwrite = args.overwrite;
+    o.kernel_dir = args.kernel_dir.clone();
     let outcome = build_engine(&o, &mut |line| eprintln!("virnuc-trt build: {line}"))
         .with_context(|| {
             format!(

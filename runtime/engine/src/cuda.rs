@@ -68,8 +68,9 @@ impl CudaEngine {
         label: &'static str,
         eps: Vec<ExecutionProviderDispatch>,
     ) -> Result<Self> {
-        let session = build_session(options, files, &metadata, label, eps)?;
-        let info = make_info(options, files, metadata, library, label, &session)?;
+        let (session, note) = build_session(options, files, &metadata, label, eps)?;
+        let mut info = make_info(options, files, metadata, library, label, &session)?;
+        info.ep_note = note;
         let provider = |what: &str, e: ort::Error| EngineError::Provider {
             ep: label,
             reason: format!("{what}: {}", e.message()),

@@ -133,6 +133,9 @@ pub struct BuildOptions {
     pub intra_threads: usize,
     /// Replace an existing engine folder.
     pub overwrite: bool,
+    /// Folder of `varlen_attention.fatbin` for `virnuc` attention on cuda/tensorrt (`None`: see
+    /// [`crate::kernel_dir::resolve_kernel_dir`]).
+    pub kernel_dir: Option<PathBuf>,
 }
 
 impl BuildOptions {
@@ -155,6 +158,7 @@ impl BuildOptions {
             trt_ep_context: true,
             intra_threads: 0,
             overwrite: false,
+            kernel_dir: None,
         }
     }
 }
@@ -307,11 +311,12 @@ fn optimize_offline(
     src: &Path,
     dst: &Path,
     ep: Ep,
-    device_id: i32,
+    options: &BuildOptions,
     level: OptLevel,
     external: bool,
-    intra_threads: usize,
+    virnuc: bool,
 ) -> Result<()> {
+    let (device_id, intra_threads) = (options.device_id, options.intra_threads);
     let env = runtime::environment()?;
     let where_ = || format!("offline optimization of {}", src.display());
     let mut b = Session::builder(env)
@@ -357,6 +362,16 @@ fn optimize_offline(
             .ctx(where_)?;
     }
     let domain = custom_op::domain().ctx(|| "cannot build the VarlenAttention op".into())?;
+    // The CUDA kernel too, so that partitioning places VarlenAttention on the GPU (as at run time)
+    // rather than on the CPU with copies around it baked into the saved graph.
+    #[cfg(feature = "cuda")]
+    let domain = if ep == Ep::Cuda && virnuc {
+        crate::kernel_dir::add_cuda_op(domain, options.kernel_dir.as_deref(), "cuda")?
+    } else {
+        domain
+    };
+    #[cfg(not(feature = "cuda"))]
+    let _ = virnuc;
     b = b.with_operators(domain).ctx(where_)?;
     let session = b.commit_from_file(src).ctx(where_)?;
     drop(session);
@@ -541,10 +556,10 @@ pub fn build_engine(options: &BuildOptions, log: &mut dyn FnMut(&str)) -> Result
             &source_files.onnx,
             &engine_onnx,
             ep,
-            options.device_id,
+            options,
             level,
             external,
-            options.intra_threads,
+            meta.attention == "virnuc",
         )?;
     }
     let engine_sha = sha256_file(&engine_onnx)?;
@@ -714,6 +729,7 @@ fn autotune_rows(
     engine_options.ort_lib = options.ort_lib.clone();
     engine_options.device_id = options.device_id;
     engine_options.intra_threads = options.intra_threads;
+    engine_options.kernel_dir = options.kernel_dir.clone();
     if ep == Ep::TensorRt {
         engine_options.trt_cache_dir = Some(out.join(trt_config::TRT_CACHE_DIR));
     }

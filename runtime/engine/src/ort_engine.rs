@@ -15,14 +15,15 @@ use crate::{Embeddings, EngineError, EngineInfo, EngineOptions, OrtContext, Resu
 
 /// Builds a session on `eps` (registered with `error_on_failure`: a provider that cannot be
 /// registered is an error, never a quiet CPU run) with the VarlenAttention CPU op available, plus
-/// its CUDA kernel on GPU sessions of `virnuc`-flavor models.
+/// its CUDA kernel on GPU sessions of `virnuc`-flavor models. Returns a note for the user when the
+/// session runs with less than asked (TensorRT without the CUDA kernel).
 pub(crate) fn build_session(
     options: &EngineOptions,
     files: &ModelFiles,
     meta: &ModelMetadata,
     ep_label: &'static str,
     eps: Vec<ExecutionProviderDispatch>,
-) -> Result<Session> {
+) -> Result<(Session, Option<String>)> {
     let env = environment()?;
     let onnx = files.onnx.display().to_string();
     let eps: Vec<_> = eps.into_iter().map(|e| e.error_on_failure()).collect();
@@ -51,11 +52,24 @@ pub(crate) fn build_session(
             .ctx(|| "session options".into())?;
     }
     let domain = custom_op::domain().ctx(|| "cannot build the VarlenAttention op".into())?;
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut note = None;
     // GPU sessions of the `virnuc` flavor get the CUDA kernel in the same `com.virnuc` domain
     // (ONNX Runtime takes one domain object per name); the CPU op stays for nodes placed on the CPU.
     #[cfg(feature = "cuda")]
     let domain = if ep_label != "cpu" && meta.attention == "virnuc" {
-        crate::kernel_dir::add_cuda_op(domain, options.kernel_dir.as_deref(), ep_label)?
+        match crate::kernel_dir::add_cuda_op(domain, options.kernel_dir.as_deref(), ep_label) {
+            Ok(d) => d,
+            // On TensorRT the VarlenAttention plugin usually takes these nodes inside the engine;
+            // the CUDA kernel is only the fallback, so its absence is a warning there.
+            Err(e) if ep_label == "tensorrt" => {
+                note = Some(format!(
+                    "{e}; VarlenAttention nodes that TensorRT does not take run on the CPU op (slow)"
+                ));
+                custom_op::domain().ctx(|| "cannot build the VarlenAttention op".into())?
+            }
+            Err(e) => return Err(e),
+        }
     } else {
         domain
     };
@@ -77,7 +91,7 @@ pub(crate) fn build_session(
         }
     })?;
     check_session(meta, &session, &onnx)?;
-    Ok(session)
+    Ok((session, note))
 }
 
 /// Device errors at session creation (no GPU, no driver, missing CUDA/TensorRT libraries).
@@ -176,7 +190,7 @@ impl OrtEngine {
         metadata: ModelMetadata,
         library: &OrtLibrary,
     ) -> Result<Self> {
-        let session = build_session(
+        let (session, _) = build_session(
             options,
             files,
             &metadata,
