@@ -77,7 +77,7 @@ def markdown(doc: dict[str, Any]) -> str:
         cos = (
             "ref"
             if r.get("is_ref")
-            else f"{r['cos_min']:.5f} / {r['cos_mean']:.5f}"
+            else f"{r['cos_min']:.7f} / {r['cos_mean']:.7f}"
             if r.get("cos_min") is not None
             else "-"
         )
@@ -87,6 +87,7 @@ def markdown(doc: dict[str, Any]) -> str:
         if r.get("load_in_seconds"):
             load = "in run s"
         best = " **best**" if r.get("best_budget") else ""
+        best += f" ({r['passes']} passes)" if r.get("passes", 1) > 1 else ""
         lines.append(
             f"| {r['model']} | {r['workload']} | {r['tool']} | {r['precision']} | {r['budget']}{best} | "
             f"{r['attention']} | {_rate(r['tok_s'])} | {r['seq_s']:.0f} | {_f(r.get('limit_pct'), '.0f')}% | "
