@@ -26,15 +26,19 @@ Workloads (`--workloads`, each --max-tokens tokens, default 200000 on GPU, 20000
   broad     synthetic proteins, log-normal lengths 50-1024 tokens, seeded.
 
 On the GPU machine (it has no ../shared; stage what it needs into the ignored .device-stage/bench):
-  here:   cargo build --release -p virnuc-trt && python3 tools/bench/run.py prepare
-          (copies the stripped binary, the genomes and the translated chunk500 pool into
-          .device-stage/bench) and stage ONNX Runtime GPU with ../shared/device/stage-ort-gpu
-  device: carry [".device-stage/bench"], after the 5 ORT staging runs:
-          source /opt/onnxruntime-gpu/env.sh; python3 tools/bench/run.py bench --models esm2_t33_650M
-          --precisions fp16 --workloads chunk500,broad
-          (one model/precision per 8-minute call; 3B export takes minutes: it is cached in --work while
-          the machine stays warm). Results: $OUT/<tag>.md and .json; merge pieces with
-          `python3 tools/bench/run.py table A.json B.json --out DIR`.
+  here:   source tools/setup.sh && cargo build --release -p virnuc-trt && python3 tools/bench/run.py prepare
+          (copies the stripped binary, the genomes and the translated chunk500 pool, ~13 MiB), then stage
+          ONNX Runtime GPU with ../shared/device/stage-ort-gpu (5 runs on the same warm machine).
+  device: each call carries [".device-stage/bench"] and starts with
+          source /opt/onnxruntime-gpu/env.sh; export PYTHONUNBUFFERED=1;
+          1. tools/bench/run.py bench --models esm2_t33_650M --passes 2 --tag e2e-650M
+          2. tools/bench/run.py bench --models esm2_t36_3B --precisions fp16 --passes 2 --tag e2e-3B-fp16
+          3. tools/bench/run.py bench --models esm2_t36_3B --precisions fp32 --tag e2e-3B-fp32
+          (each as `python3 tools/bench/run.py ... 2>&1 | tee $OUT/<tag>.log`; results in
+          $OUT/<tag>.md and .json; exports are cached in --work while the machine stays warm). Merge here:
+          python3 tools/bench/run.py table /work/.device/*/e2e-*.json --out out/bench --tag e2e
+  --passes 2 times the PyTorch peers warm (HF SDPA pays a one-time cost per padded shape); virnuc-trt
+  always runs cold, as a user runs it. Quick runs: --max-tokens 50000, --workloads broad.
 CPU mode (`--cpu`, default models esm2_t6_8M,esm2_t12_35M, peers virnuc-trt,hf-eager,hf-sdpa,
 ep cpu, attention virnuc):  source tools/setup.sh && python tools/bench/run.py bench --cpu
 """
