@@ -212,8 +212,11 @@ def test_ort_rotary_and_token_offset_on_cpu(tmp_path):
     onnx.save(ort_parts_model(nh, d), path)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(8)
-    lengths = [3, 1, 7, 2]
+    # More packed tokens than cos/sin cache rows (1026): regression for ORT's RotaryEmbedding refusing
+    # to "update" its cache when a pack was fed as one [1, T, H·D] sequence (seen on the CUDA EP).
+    lengths = [3, 1, 7, 2, 700, 600]
     feeds = random_pack(rng, lengths, nh, d)
+    assert feeds["position_ids"].shape[0] > 1026
     q_rot, k_rot, token_offset = sess.run(None, feeds)
     hd = nh * d
     q = feeds["qkv"][:, :hd].reshape(-1, nh, d).astype(np.float64)

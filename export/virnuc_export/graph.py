@@ -313,7 +313,10 @@ class EsmGraph:
         cos_cache, sin_cache, pos2d, token_offset = self.ort_inputs()
         rotated = []
         for part, x in (("q", q), ("k", k)):
-            x3 = b.op("Unsqueeze", [x, b.i64(0)], name=f"l{layer}.{part}3")  # [1, T, H]
+            # [T, 1, H·D] with positions [T, 1]: each token is its own "batch" row, so ORT's check
+            # sequence_length <= cos_cache rows holds for any pack size (the CUDA kernel refuses to
+            # "update" the cache when a [1, T, H·D] pack is longer than max_positions).
+            x3 = b.op("Unsqueeze", [x, b.i64(1)], name=f"l{layer}.{part}3")
             r = b.op(
                 "RotaryEmbedding",
                 [x3, pos2d, cos_cache, sin_cache],
@@ -321,7 +324,7 @@ class EsmGraph:
                 interleaved=0,
                 name=f"l{layer}.rotary_{part}",
             )
-            rotated.append(b.op("Squeeze", [r, b.i64(0)], name=f"l{layer}.{part}_rot"))
+            rotated.append(b.op("Squeeze", [r, b.i64(1)], name=f"l{layer}.{part}_rot"))
         return b.op(
             "PackedMultiHeadAttention",
             [rotated[0], rotated[1], v, "", token_offset, "cu_seqlens"],
@@ -332,7 +335,7 @@ class EsmGraph:
         )
 
     def ort_inputs(self) -> tuple[str, str, str, str]:
-        """cos/sin caches [max_positions, D/2], position_ids as [1, T], token_offset [B, S] int32."""
+        """cos/sin caches [max_positions, D/2], position_ids as [T, 1], token_offset [B, S] int32."""
         if "token_offset" in self._cache:
             c = self._cache
             return c["cos_cache"], c["sin_cache"], c["pos2d"], c["token_offset"]
@@ -341,7 +344,7 @@ class EsmGraph:
         angle = np.outer(positions, self.inv_freq()).astype(np.float32)
         cos_cache = b.const(np.cos(angle).astype(self.act), self.act)
         sin_cache = b.const(np.sin(angle).astype(self.act), self.act)
-        pos2d = b.op("Unsqueeze", ["position_ids", b.i64(0)], name="pos2d")
+        pos2d = b.op("Unsqueeze", ["position_ids", b.i64(1)], name="pos2d")  # [T, 1]
         g = self.seq_geometry()
         # token_offset (PackedMultiHeadAttention): flattened [B, S] padded positions b·S + s, those of the
         # real tokens first (in packed order), then the padding positions.
