@@ -153,6 +153,7 @@ impl CudaEngine {
 impl crate::Engine for CudaEngine {
     fn embed(&mut self, batch: &PackedBatch) -> Result<Embeddings> {
         check_batch(batch, self.info.metadata.model.vocab_size)?;
+        check_ort_flavor_pack(batch, &self.info.metadata.attention)?;
         let t = batch.num_tokens();
         let ids = self.stage(&batch.input_ids, "input_ids")?;
         let pos = self.stage(&batch.position_ids, "position_ids")?;
@@ -236,5 +237,54 @@ impl crate::Engine for CudaEngine {
 
     fn info(&self) -> &EngineInfo {
         &self.info
+    }
+}
+
+/// ONNX Runtime's CUDA `RotaryEmbedding` puts the token axis on a grid dimension limited to 65535
+/// (seen on an H200 with ORT 1.31.1: "CUDA failure 1: invalid argument" for a 65536-token pack), so
+/// `ort`-flavor graphs take at most that many tokens per pack. The `virnuc` flavor has no such limit.
+pub(crate) const ORT_FLAVOR_MAX_PACK_TOKENS: usize = 65_535;
+
+pub(crate) fn check_ort_flavor_pack(batch: &PackedBatch, attention: &str) -> Result<()> {
+    if attention == "ort" && batch.num_tokens() > ORT_FLAVOR_MAX_PACK_TOKENS {
+        return Err(EngineError::Batch(format!(
+            "a pack of {} tokens is over the {ORT_FLAVOR_MAX_PACK_TOKENS} that the `ort` attention flavor \
+             takes on CUDA (ONNX Runtime's RotaryEmbedding kernel): use --toks-per-batch {ORT_FLAVOR_MAX_PACK_TOKENS} \
+             or less, or export with --attention virnuc",
+            batch.num_tokens()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod ort_flavor_tests {
+    use super::*;
+    use virnuc_core::{SequenceMeta, alphabet};
+
+    fn pack_of(tokens: usize) -> PackedBatch {
+        let mut batch = PackedBatch::default();
+        let mut seq = vec![5u8; tokens];
+        seq[0] = alphabet::CLS;
+        seq[tokens - 1] = alphabet::EOS;
+        batch.push(
+            SequenceMeta {
+                index: 0,
+                id: "s".into(),
+                residues: (tokens - 2) as u32,
+            },
+            &seq,
+        );
+        batch
+    }
+
+    #[test]
+    fn ort_flavor_refuses_packs_over_the_rotary_grid_limit() {
+        let at_limit = pack_of(ORT_FLAVOR_MAX_PACK_TOKENS);
+        let over = pack_of(ORT_FLAVOR_MAX_PACK_TOKENS + 1);
+        assert!(check_ort_flavor_pack(&at_limit, "ort").is_ok());
+        let err = check_ort_flavor_pack(&over, "ort").expect_err("over the limit");
+        assert!(err.to_string().contains("--toks-per-batch"), "{err}");
+        assert!(check_ort_flavor_pack(&over, "virnuc").is_ok());
     }
 }
