@@ -213,8 +213,12 @@ def test_resume_after_kill_gives_the_uninterrupted_file(
     model = models["virnuc"].path
     args = ["--chunk", "300", "--toks-per-batch", "600", "--shard-sequences", "3"]
     whole = tmp_path / "whole.h5"
+    started = time.monotonic()
     r = embed(binary, [LAMBDA], model, whole, *args)
     assert r.returncode == 0, r.stderr
+    # Kill points are fractions of this run's own duration, so the test neither depends on the machine's
+    # speed nor lets a fast machine finish before the kills land (a fixed 1-4 s sleep did).
+    duration = time.monotonic() - started
     want = read_h5(whole)
 
     out = tmp_path / "resumed.h5"
@@ -224,14 +228,14 @@ def test_resume_after_kill_gives_the_uninterrupted_file(
     for attempt in range(4):
         cmd = base + (["--resume"] if attempt > 0 else [])
         p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.0, 4.0))
+        time.sleep(rng.uniform(0.15, 0.45) * duration)
         if p.poll() is not None:
             break
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         kills += 1
         assert not out.exists(), "a killed run left a final file"
-    assert kills >= 3, f"only {kills} kills landed mid-run: the run is too short for this test"
+    assert kills >= 2, f"only {kills} kills landed mid-run (whole run {duration:.1f} s)"
     r = run([*base, "--resume"])
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
