@@ -227,7 +227,7 @@ fn engine_thread_returns_results_in_order_with_busy_time() {
         Some(256),
         2,
     )
-    .expect("thread");
+    .unwrap_or_else(|e| panic!("engine thread did not start: {e}"));
     let consumer = std::thread::spawn(move || {
         results
             .iter()
