@@ -2,55 +2,15 @@
 //! fail, the JSON report, the thresholds file, and the clear errors (existing engine folder, no
 //! Python for a re-export). Needs the venv's Python for the export (tools/test.sh activates it).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn virnuc(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_virnuc-trt"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().expect("run virnuc-trt")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{export_random_t6, text, virnuc_with_env as virnuc};
 
 #[test]
 fn build_then_gate_exit_codes_reports_and_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = dir.path().join("model");
-    let python = std::env::var("VIRNUC_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "virnuc_export",
-            "--random",
-            "esm2_t6_8M",
-            "--seed",
-            "3",
-        ])
-        .args(["--attention", "masked", "--out"])
-        .arg(&model)
-        .env("PYTHONPATH", root().join("export"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python} ({e}): source tools/setup.sh first"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    export_random_t6(&model, 3);
     let m = model.to_str().expect("utf-8");
     let engine = dir.path().join("engine");
     let e = engine.to_str().expect("utf-8");

@@ -3,27 +3,15 @@
 //! engine's embeddings are those of the plain --model run. Needs the venv's Python for the export
 //! (tools/test.sh activates it).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::Path;
+use std::process::Output;
+
+use common::{export_random_t6, text, virnuc_with_env};
 
 fn virnuc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_virnuc-trt"))
-        .args(args)
-        .output()
-        .expect("run virnuc-trt")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    virnuc_with_env(args, &[])
 }
 
 fn report(path: &Path) -> serde_json::Value {
@@ -35,26 +23,7 @@ fn report(path: &Path) -> serde_json::Value {
 fn embed_engine_uses_manifest_budget_and_refuses_forged_manifest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = dir.path().join("model");
-    let python = std::env::var("VIRNUC_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "virnuc_export",
-            "--random",
-            "esm2_t6_8M",
-            "--seed",
-            "5",
-        ])
-        .args(["--attention", "masked", "--out"])
-        .arg(&model)
-        .env("PYTHONPATH", root().join("export"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python} ({e}): source tools/setup.sh first"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    export_random_t6(&model, 5);
     let m = model.to_str().expect("utf-8");
     let engine = dir.path().join("engine");
     let e = engine.to_str().expect("utf-8");
