@@ -25,7 +25,7 @@ use ort::value::{DynTensorValueType, Tensor};
 use virnuc_core::{ModelMetadata, PackedBatch};
 
 use crate::model::ModelFiles;
-use crate::ort_engine::{build_session, check_batch, make_info, to_f32};
+use crate::ort_engine::{build_session, check_batch, checked_embeddings, make_info, to_f32};
 use crate::runtime::OrtLibrary;
 use crate::{Embeddings, EngineError, EngineInfo, EngineOptions, OrtContext, Result};
 
@@ -207,32 +207,11 @@ impl crate::Engine for CudaEngine {
         let compute = start.elapsed();
         let h = self.info.hidden_size;
         let mean = self.fetch(mean_v, "mean")?;
-        if mean.len() != batch.num_sequences() * h {
-            return Err(EngineError::Model(format!(
-                "`mean` has {} values, expected {} x {h}",
-                mean.len(),
-                batch.num_sequences()
-            )));
-        }
         let hidden = match hidden_v {
-            Some(v) => {
-                let hidden = self.fetch(v, "hidden")?;
-                if hidden.len() != t * h {
-                    return Err(EngineError::Model(format!(
-                        "`hidden` has {} values, expected {t} x {h}",
-                        hidden.len()
-                    )));
-                }
-                Some(hidden)
-            }
+            Some(v) => Some(self.fetch(v, "hidden")?),
             None => None,
         };
-        Ok(Embeddings {
-            mean,
-            hidden,
-            hidden_size: h,
-            compute,
-        })
+        checked_embeddings(batch, h, mean, hidden, compute)
     }
 
     fn info(&self) -> &EngineInfo {

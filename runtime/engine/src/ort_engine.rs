@@ -138,6 +138,38 @@ pub(crate) fn check_batch(batch: &PackedBatch, vocab: u32) -> Result<()> {
     Ok(())
 }
 
+/// The engine's outputs as [`Embeddings`], after checking they have the pack's shape
+/// (`mean` [B, H], `hidden` [T, H]); every engine returns through here.
+pub(crate) fn checked_embeddings(
+    batch: &PackedBatch,
+    h: usize,
+    mean: Vec<f32>,
+    hidden: Option<Vec<f32>>,
+    compute: std::time::Duration,
+) -> Result<Embeddings> {
+    let (b, t) = (batch.num_sequences(), batch.num_tokens());
+    if mean.len() != b * h {
+        return Err(EngineError::Model(format!(
+            "`mean` has {} values, expected {b} x {h}",
+            mean.len()
+        )));
+    }
+    if let Some(hidden) = &hidden
+        && hidden.len() != t * h
+    {
+        return Err(EngineError::Model(format!(
+            "`hidden` has {} values, expected {t} x {h}",
+            hidden.len()
+        )));
+    }
+    Ok(Embeddings {
+        mean,
+        hidden,
+        hidden_size: h,
+        compute,
+    })
+}
+
 /// Reads a float output (f32 or f16) into f32.
 pub(crate) fn to_f32(value: &DynValue, name: &str) -> Result<Vec<f32>> {
     if let Ok((_, data)) = value.try_extract_tensor::<f32>() {
@@ -246,34 +278,15 @@ impl crate::Engine for OrtEngine {
             .get("mean")
             .ok_or_else(|| EngineError::Model("the run returned no `mean`".into()))?;
         let mean = to_f32(mean_v, "mean")?;
-        if mean.len() != batch.num_sequences() * h {
-            return Err(EngineError::Model(format!(
-                "`mean` has {} values, expected {} x {h}",
-                mean.len(),
-                batch.num_sequences()
-            )));
-        }
         let hidden = if self.info.per_token {
             let v = outputs
                 .get("hidden")
                 .ok_or_else(|| EngineError::Model("the run returned no `hidden`".into()))?;
-            let hidden = to_f32(v, "hidden")?;
-            if hidden.len() != t * h {
-                return Err(EngineError::Model(format!(
-                    "`hidden` has {} values, expected {t} x {h}",
-                    hidden.len()
-                )));
-            }
-            Some(hidden)
+            Some(to_f32(v, "hidden")?)
         } else {
             None
         };
-        Ok(Embeddings {
-            mean,
-            hidden,
-            hidden_size: h,
-            compute,
-        })
+        checked_embeddings(batch, h, mean, hidden, compute)
     }
 
     fn info(&self) -> &EngineInfo {
