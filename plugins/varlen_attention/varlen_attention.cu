@@ -661,6 +661,332 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
 }
 
 // ---------------------------------------------------------------------------------------------
+// v4 (compile with -DVARLEN_V4; fp16 at head_dim 64 only): 4 warps, each owning 32 query rows as
+// two m16 tiles (rows w*16 and 64 + w*16 of the block's 128), so every k and v fragment a warp
+// loads from shared memory with ldmatrix feeds two mma instead of one. The 8-warp kernel above
+// issues one ldmatrix.x4 (512 bytes) per two m16n8k16 mma, which at 128 bytes a clock of shared
+// memory bandwidth an SM caps the tensor cores near half their mma.sync rate; v4 halves that
+// traffic per FLOP (as FlashAttention-2 does with its 4 warps over 128 rows). Softmax on raw
+// scores with the scale folded into one FFMA before ex2.approx (the max taken on raw scores, so a
+// negative scale is folded into q's sign instead, which is exact); key masking only on the last,
+// partial tile. Same grid as the 8-warp kernel (BM = 128), 128 threads, two blocks an SM.
+#ifdef VARLEN_V4
+constexpr bool kV4 = true;
+#else
+constexpr bool kV4 = false;
+#endif
+
+template <typename T, int D>
+__host__ __device__ constexpr bool use_v4() {
+  return kV4 && __is_same(T, __half) && D == 64;
+}
+
+// Threads of the 16-bit kernel for T and D (varlen_attention_launch.h mirrors it).
+template <typename T, int D>
+__host__ __device__ constexpr int threads16() {
+  return use_v4<T, D>() ? 128 : warps16<D>() * 32;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats rounded to one f16x2 register (a in the low half: the mma fragments' order).
+__device__ __forceinline__ uint32_t half2_bits(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// One key/value tile through the first MT (1 or 2) of this warp's m16 tiles. Fragment layouts as
+// in attention_16bit: this thread holds rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3) of each
+// m16 tile, keys j*8 + (lane%4)*2 + (e&1). m: running max of log2e-scaled scores; l: this
+// thread's partial row sums (quad-reduced at the end).
+template <int MT, int D, int BN, int LDS>
+__device__ __forceinline__ void v4_tile(const uint32_t (&qa)[2][D / 16][4], float (&o)[2][D / 8][4],
+                                        float (&m)[2][2], float (&l)[2][2], const uint16_t* kt,
+                                        const uint16_t* vt, int nk, float sl2, int lane) {
+  constexpr int KSTEPS = D / 16;
+  constexpr int NT = BN / 8;
+  constexpr int DT = D / 8;
+  float s[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][j][e] = 0.0f;
+    }
+  }
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      const int off = (j * 8 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 + ((lane / 8) & 1) * 8;
+      uint32_t b[4];
+      ldmatrix_x4(b, kt + off);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        mma<__half>(s[i][j], qa[i][ks], b[0], b[1]);
+        mma<__half>(s[i][j + 1], qa[i][ks], b[2], b[3]);
+      }
+    }
+  }
+  const bool partial = nk < BN;  // block-uniform: only a sequence's last tile
+  if (partial) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (j * 8 + (lane % 4) * 2 + (e & 1) >= nk) s[i][j][e] = -INFINITY;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    float mx0 = -INFINITY;
+    float mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      mx0 = fmaxf(mx0, fmaxf(s[i][j][0], s[i][j][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[i][j][2], s[i][j][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    // Key 0 of every tile is valid, so the maxima are finite; sl2 >= 0, so scaling keeps the max.
+    const float n0 = fmaxf(m[i][0], mx0 * sl2);
+    const float n1 = fmaxf(m[i][1], mx1 * sl2);
+    const float c0 = ex2(m[i][0] - n0);  // 0 on the first tile (m = -inf)
+    const float c1 = ex2(m[i][1] - n1);
+    m[i][0] = n0;
+    m[i][1] = n1;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      s[i][j][0] = ex2(fmaf(s[i][j][0], sl2, -n0));
+      s[i][j][1] = ex2(fmaf(s[i][j][1], sl2, -n0));
+      s[i][j][2] = ex2(fmaf(s[i][j][2], sl2, -n1));
+      s[i][j][3] = ex2(fmaf(s[i][j][3], sl2, -n1));
+    }
+    if (partial) {  // -inf · 0 is NaN when scale = 0: masked keys are zeroed explicitly
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (j * 8 + (lane % 4) * 2 + (e & 1) >= nk) s[i][j][e] = 0.0f;
+        }
+      }
+    }
+    float r0 = 0.0f;
+    float r1 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      r0 += s[i][j][0] + s[i][j][1];
+      r1 += s[i][j][2] + s[i][j][3];
+    }
+    l[i][0] = l[i][0] * c0 + r0;
+    l[i][1] = l[i][1] * c1 + r1;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[i][d][0] *= c0;
+      o[i][d][1] *= c0;
+      o[i][d][2] *= c1;
+      o[i][d][3] *= c1;
+    }
+  }
+  // o += p · v: the S accumulators of two key tiles are the A fragment of one k-step; each v
+  // fragment serves both m16 tiles.
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    uint32_t pa[MT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      pa[i][0] = half2_bits(s[i][2 * kk][0], s[i][2 * kk][1]);
+      pa[i][1] = half2_bits(s[i][2 * kk][2], s[i][2 * kk][3]);
+      pa[i][2] = half2_bits(s[i][2 * kk + 1][0], s[i][2 * kk + 1][1]);
+      pa[i][3] = half2_bits(s[i][2 * kk + 1][2], s[i][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int d = 0; d < DT; d += 2) {
+      const uint16_t* p =
+          vt + (kk * 16 + (lane % 8) + ((lane / 8) & 1) * 8) * LDS + d * 8 + (lane / 16) * 8;
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, p);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        mma<__half>(o[i][d], pa[i], b[0], b[1]);
+        mma<__half>(o[i][d + 1], pa[i], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qkv,
+                                                 const int* __restrict__ cu,
+                                                 const long long* __restrict__ pos,
+                                                 uint16_t* __restrict__ out, int total, int batch,
+                                                 int heads, float scale, int rotary_flag,
+                                                 float base) {
+  using T = __half;
+  constexpr int THREADS = 128;
+  constexpr int BM = 128;  // 4 warps x 2 m16 tiles
+  constexpr int BN = 64;
+  constexpr int LDS = D + 8;  // +16 bytes a row: conflict-free ldmatrix
+  constexpr int KSTEPS = D / 16;
+  constexpr int DT = D / 8;
+  static_assert(D % 16 == 0, "no padded columns: shared memory need not be zeroed");
+  static_assert(threads16<T, D>() == THREADS, "launch geometry");
+  // As in attention_16bit's fp16 path: q aliases the k/v buffers (raw k x2, v x2, rotated k).
+  constexpr int KV = 5 * BN * LDS;
+  constexpr int SMEM = BM * LDS > KV ? BM * LDS : KV;
+  __shared__ __align__(16) uint16_t smem[SMEM];
+  __shared__ float inv_freq[D / 2];
+  uint16_t* const sQ = smem;
+  uint16_t* const sK = smem;
+  uint16_t* const sKraw = smem + BN * LDS;
+  uint16_t* const sVbuf = smem + 3 * BN * LDS;
+
+  Work w;
+  if (!locate(cu, batch, total, BM, w)) return;
+  const bool rotary = rotary_flag != 0;
+  const int head = static_cast<int>(blockIdx.y);
+  const long long row_stride = 3LL * heads * D;
+  const int qcol = head * D;
+  const int kcol = heads * D + head * D;
+  const int vcol = 2 * heads * D + head * D;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+
+  if (rotary) {
+    rotary_frequencies<D>(inv_freq, base);
+    __syncthreads();
+  }
+  const int nq = min(BM, w.len - w.q0);
+  load_qk<T, D, BM, LDS>(sQ, nullptr, qkv, row_stride, qcol, w.start + w.q0, nq, pos, inv_freq,
+                         rotary);
+  __syncthreads();
+
+  // q fragments of both m16 tiles stay in registers for the whole key loop (rows past nq are 0).
+  uint32_t qa[2][KSTEPS][4];
+  const uint32_t sign = scale < 0.0f ? 0x80008000u : 0u;  // softmax(s·q·k) = softmax(|s|·(−q)·k)
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint16_t* base_ptr = sQ + (i * 64 + warp * 16 + (lane % 16)) * LDS + (lane / 16) * 8;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      ldmatrix_x4(qa[i][ks], base_ptr + ks * 16);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) qa[i][ks][e] ^= sign;
+    }
+  }
+  const float sl2 = fabsf(scale) * 1.4426950408889634f;  // exp(x) = exp2(x · log2 e)
+  // m16 tiles of this warp holding rows of the sequence (the second one's rows are 64 further).
+  const int mtiles = (warp * 16 < nq ? 1 : 0) + (64 + warp * 16 < nq ? 1 : 0);
+
+  float o[2][DT][4];
+  float m[2][2];
+  float l[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[i][d][e] = 0.0f;
+    }
+    m[i][0] = m[i][1] = -INFINITY;
+    l[i][0] = l[i][1] = 0.0f;
+  }
+
+  __syncthreads();  // q fragments read: the buffers alias sQ
+  issue_rows<D, BN, LDS>(sKraw, qkv, row_stride, kcol, w.start, min(BN, w.len));
+  issue_rows<D, BN, LDS>(sVbuf, qkv, row_stride, vcol, w.start, min(BN, w.len));
+  cp_async_commit();
+  for (int kv0 = 0, tile = 0; kv0 < w.len; kv0 += BN, ++tile) {
+    const int nk = min(BN, w.len - kv0);
+    const int buf = tile & 1;
+    __syncthreads();  // previous tile fully consumed
+    const int next = kv0 + BN;
+    if (next < w.len) {  // prefetch the next tile into the other buffer
+      const int nn = min(BN, w.len - next);
+      issue_rows<D, BN, LDS>(sKraw + (buf ^ 1) * BN * LDS, qkv, row_stride, kcol, w.start + next, nn);
+      issue_rows<D, BN, LDS>(sVbuf + (buf ^ 1) * BN * LDS, qkv, row_stride, vcol, w.start + next, nn);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile's group has landed
+    __syncthreads();
+    const uint16_t* kt = sKraw + buf * BN * LDS;
+    const uint16_t* vt = sVbuf + buf * BN * LDS;
+    if (rotary) {
+      rotate_tile<T, D, BN, LDS>(sK, kt, w.start + kv0, nk, pos, inv_freq);
+      __syncthreads();
+      kt = sK;
+    }
+    if (mtiles == 2) {
+      v4_tile<2, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+    } else if (mtiles == 1) {
+      v4_tile<1, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+    }
+  }
+
+  // Stage the tile in shared memory (sQ is free) for 16-byte coalesced stores.
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l0 = l[i][0];
+    float l1 = l[i][1];
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;  // 0: an m16 tile past the sequence's end
+    const float i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    const int row = i * 64 + warp * 16 + lane / 4;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      const int col = d * 8 + (lane % 4) * 2;
+      *reinterpret_cast<uint32_t*>(sQ + row * LDS + col) = half2_bits(o[i][d][0] * i0, o[i][d][1] * i0);
+      *reinterpret_cast<uint32_t*>(sQ + (row + 8) * LDS + col) =
+          half2_bits(o[i][d][2] * i1, o[i][d][3] * i1);
+    }
+  }
+  __syncthreads();
+  {
+    constexpr int VEC = 8;
+    constexpr int CH = D / VEC;
+    const long long out_stride = static_cast<long long>(heads) * D;
+    for (int u = tid; u < nq * CH; u += THREADS) {
+      const int r = u / CH;
+      const int c = (u % CH) * VEC;
+      const uint4 v = *reinterpret_cast<const uint4*>(sQ + r * LDS + c);
+      *reinterpret_cast<uint4*>(out + static_cast<long long>(w.start + w.q0 + r) * out_stride + qcol + c) = v;
+    }
+  }
+}
+
+// The 16-bit entry: v4 where it applies, else the 8-warp (4 at D = 128) kernel.
+template <typename T, int D>
+__device__ __forceinline__ void attention_16bit_entry(const uint16_t* __restrict__ qkv,
+                                                      const int* __restrict__ cu,
+                                                      const long long* __restrict__ pos,
+                                                      uint16_t* __restrict__ out, int total,
+                                                      int batch, int heads, float scale,
+                                                      int rotary_flag, float base) {
+  if constexpr (use_v4<T, D>()) {
+    attention_f16_v4<D>(qkv, cu, pos, out, total, batch, heads, scale, rotary_flag, base);
+  } else {
+    attention_16bit<T, D>(qkv, cu, pos, out, total, batch, heads, scale, rotary_flag, base);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // fp32: CUDA-core FMA. 32 query rows a block, 4 threads a row (a quad of one warp), so the
 // softmax of a row and its p·v never need a block barrier.
 
@@ -817,14 +1143,15 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
 
 // Two blocks an SM for fp16 (caps registers at 128 with 8 warps); bf16's split operands need more.
 #define VIRNUC_KERNEL_16(NAME, T, D)                                                           \
-  extern "C" __global__ void __launch_bounds__(virnuc::warps16<D>() * 32,                     \
+  extern "C" __global__ void __launch_bounds__((virnuc::threads16<T, D>()),                  \
                                                __is_same(T, __half) ? 2 : 1)                  \
       NAME(const void* qkv, const int* cu_seqlens, const long long* position_ids, void* out,   \
            int total_tokens, int batch, int num_heads, float scale, int rotary,                \
            float rotary_base) {                                                                \
-    virnuc::attention_16bit<T, D>(static_cast<const uint16_t*>(qkv), cu_seqlens, position_ids, \
-                                  static_cast<uint16_t*>(out), total_tokens, batch, num_heads, \
-                                  scale, rotary, rotary_base);                                 \
+    virnuc::attention_16bit_entry<T, D>(static_cast<const uint16_t*>(qkv), cu_seqlens,         \
+                                        position_ids, static_cast<uint16_t*>(out),             \
+                                        total_tokens, batch, num_heads, scale, rotary,         \
+                                        rotary_base);                                          \
   }
 
 #define VIRNUC_KERNEL_32(NAME, D)                                                              \
