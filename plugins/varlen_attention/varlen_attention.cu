@@ -699,11 +699,13 @@ __device__ __forceinline__ uint32_t half2_bits(float a, float b) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// One key/value tile through the first MT (1 or 2) of this warp's m16 tiles. Fragment layouts as
+// One key/value tile through the first MT (1 or 2) of this warp's m16 tiles; PARTIAL: the
+// sequence's last tile with nk < BN valid keys (a template argument, so that the full tiles' body
+// has no branch splitting it for the scheduler). Fragment layouts as
 // in attention_16bit: this thread holds rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3) of each
 // m16 tile, keys j*8 + (lane%4)*2 + (e&1). m: running max of log2e-scaled scores; l: this
 // thread's partial row sums (quad-reduced at the end).
-template <int MT, int D, int BN, int LDS>
+template <int MT, bool PARTIAL, int D, int BN, int LDS>
 __device__ __forceinline__ void v4_tile(const uint32_t (&qa)[2][D / 16][4], float (&o)[2][D / 8][4],
                                         float (&m)[2][2], float (&l)[2][2], const uint16_t* kt,
                                         const uint16_t* vt, int nk, float sl2, int lane) {
@@ -733,8 +735,7 @@ __device__ __forceinline__ void v4_tile(const uint32_t (&qa)[2][D / 16][4], floa
       }
     }
   }
-  const bool partial = nk < BN;  // block-uniform: only a sequence's last tile
-  if (partial) {
+  if constexpr (PARTIAL) {
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
 #pragma unroll
@@ -773,7 +774,7 @@ __device__ __forceinline__ void v4_tile(const uint32_t (&qa)[2][D / 16][4], floa
       s[i][j][2] = ex2(fmaf(s[i][j][2], sl2, -n1));
       s[i][j][3] = ex2(fmaf(s[i][j][3], sl2, -n1));
     }
-    if (partial) {  // -inf · 0 is NaN when scale = 0: masked keys are zeroed explicitly
+    if constexpr (PARTIAL) {  // -inf · 0 is NaN when scale = 0: masked keys are zeroed explicitly
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
 #pragma unroll
@@ -928,10 +929,19 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
       __syncthreads();
       kt = sK;
     }
-    if (mtiles == 2) {
-      v4_tile<2, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
-    } else if (mtiles == 1) {
-      v4_tile<1, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+    // Warp- and block-uniform branches: whole-tile bodies without control flow inside.
+    if (nk == BN) {
+      if (mtiles == 2) {
+        v4_tile<2, false, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+      } else if (mtiles == 1) {
+        v4_tile<1, false, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+      }
+    } else {
+      if (mtiles == 2) {
+        v4_tile<2, true, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+      } else if (mtiles == 1) {
+        v4_tile<1, true, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+      }
     }
   }
 

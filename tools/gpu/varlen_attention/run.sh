@@ -3,6 +3,7 @@
 # Run from the project root on the GPU machine, carrying build/varlen_attention (the fatbin built
 # here by plugins/varlen_attention/build.sh):
 #   bash tools/gpu/varlen_attention/run.sh [check|control|sanitize|racecheck|bench]...   (default: all)
+# and, for another fatbin carried as build/varlen_<tag>/: check-<tag>, control-<tag>, bench-<tag>.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 out="${OUT:-/tmp/varlen_out}"
@@ -14,17 +15,17 @@ steps=("$@")
 status=0
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } | tee "$out/device.txt"
 sanitize() {
-  local tool="$1"
+  local tool="$1" log="$out/${2:-$1}.txt"
   # Check only our kernels (torch's own are not under test); fall back to the older flag name.
   compute-sanitizer --tool "$tool" --error-exitcode 9 --kernel-name kns=virnuc_varlen \
-    python3 "$py" check --quick >"$out/$tool.txt" 2>&1
+    python3 "$py" check --quick >"$log" 2>&1
   local rc=$?
-  if grep -q "unrecognized\|Unknown option\|invalid option" "$out/$tool.txt"; then
+  if grep -q "unrecognized\|Unknown option\|invalid option" "$log"; then
     compute-sanitizer --tool "$tool" --error-exitcode 9 --filter kns=virnuc_varlen \
-      python3 "$py" check --quick >"$out/$tool.txt" 2>&1
+      python3 "$py" check --quick >"$log" 2>&1
     rc=$?
   fi
-  tail -n 4 "$out/$tool.txt"
+  tail -n 4 "$log"
   echo "$tool exit code: $rc"
   return $rc
 }
@@ -44,9 +45,19 @@ for s in "${steps[@]}"; do
     sizes) python3 "$py" bench-sizes --out "$out/sizes.json" 2>&1 | tee "$out/sizes.txt" || status=1 ;;
     # An earlier kernel version, carried as build/varlen_<tag>/varlen_attention.fatbin, timed in
     # the same call for a same-card comparison (VARLEN_GEOMETRY names its launch geometry).
+    # Correctness of such a fatbin (e.g. build/varlen_v4 from `build.sh --v4`), same 120 cases.
+    check-*) tag="${s#check-}"
+      VARLEN_FATBIN="build/varlen_$tag/varlen_attention.fatbin" VARLEN_GEOMETRY="$tag" \
+        python3 "$py" check --out "$out/check_$tag.json" 2>&1 | tee "$out/check_$tag.txt" || status=1 ;;
+    control-*) tag="${s#control-}"
+      VARLEN_FATBIN="build/varlen_$tag/varlen_attention.fatbin" VARLEN_GEOMETRY="$tag" \
+        python3 "$py" control 2>&1 | tee "$out/control_$tag.txt" || status=1 ;;
+    memcheck-*) tag="${s#memcheck-}"
+      VARLEN_FATBIN="build/varlen_$tag/varlen_attention.fatbin" VARLEN_GEOMETRY="$tag" \
+        sanitize memcheck "memcheck_$tag" || status=1 ;;
     bench-*) tag="${s#bench-}"
       VARLEN_FATBIN="build/varlen_$tag/varlen_attention.fatbin" VARLEN_GEOMETRY="$tag" \
-        python3 "$py" bench 2>&1 | tee "$out/bench_$tag.txt" || status=1 ;;
+        python3 "$py" bench --out "$out/bench_$tag.json" 2>&1 | tee "$out/bench_$tag.txt" || status=1 ;;
     *) echo "unknown step $s"; status=1 ;;
   esac
 done

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One device call comparing the current kernel (build/varlen_attention) with the v4 candidate
+# (build/varlen_v4, from `bash plugins/varlen_attention/build.sh --v4`) on the same card:
+#   correctness of both (float64 reference, 120 cases each), v4's negative control and
+#   compute-sanitizer memcheck, then the attention benchmark twice each, interleaved
+#   (base, v4, base, v4), and a summary of ours / torch flash per row. Results under $OUT.
+# Run from the project root on the GPU machine, carrying build/varlen_attention and build/varlen_v4:
+#   bash tools/gpu/varlen_attention/compare_v4.sh
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
+out="${OUT:-/tmp/varlen_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=tools/gpu/varlen_attention/varlen_gpu.py
+run=tools/gpu/varlen_attention/run.sh
+status=0
+t0=$SECONDS
+for f in build/varlen_attention/varlen_attention.fatbin build/varlen_v4/varlen_attention.fatbin; do
+  [[ -f "$f" ]] || { echo "missing $f (build it and carry its folder)"; exit 1; }
+done
+OUT="$out" bash "$run" check check-v4 control-v4 memcheck-v4 || status=1
+echo "== correctness done after $((SECONDS - t0)) s"
+v4() { VARLEN_FATBIN=build/varlen_v4/varlen_attention.fatbin VARLEN_GEOMETRY=v4 "$@"; }
+for rep in 1 2; do
+  echo "== bench base (repeat $rep)"
+  python3 "$py" bench --out "$out/bench_base_$rep.json" >"$out/bench_base_$rep.txt" 2>&1 || status=1
+  tail -n 6 "$out/bench_base_$rep.txt"
+  echo "== bench v4 (repeat $rep)"
+  v4 python3 "$py" bench --out "$out/bench_v4_$rep.json" >"$out/bench_v4_$rep.txt" 2>&1 || status=1
+  tail -n 6 "$out/bench_v4_$rep.txt"
+done
+echo "== benches done after $((SECONDS - t0)) s"
+python3 - "$out" <<'EOF' | tee "$out/summary.txt"
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+runs = {}
+for name in ("base_1", "v4_1", "base_2", "v4_2"):
+    path = out / f"bench_{name}.json"
+    if path.is_file():
+        runs[name] = {(r["model"], r["mix"]): r for r in json.loads(path.read_text())}
+keys = next(iter(runs.values())).keys() if runs else []
+print("ours / torch flash (no rotary; < 1 is faster than flash), and rotary-fused us; same card")
+print("| model | mix | run | no-rotary us | flash us | ratio | rotary us | agree vs torch |")
+print("|---|---|---|---|---|---|---|---|")
+for key in keys:
+    for name, rows in runs.items():
+        r = rows.get(key)
+        if r is None:
+            continue
+        print(
+            f"| {key[0]} | {key[1]} | {name} | {r['ours_no_rotary_us']:.1f} | {r['torch_flash_us']:.1f} "
+            f"| {r['ours_no_rotary_us'] / r['torch_flash_us']:.3f} | {r['ours_rotary_us']:.1f} "
+            f"| {r['agree_vs_torch']:.1e} |"
+        )
+EOF
+echo "compare_v4: exit status $status after $((SECONDS - t0)) s"
+exit $status
