@@ -699,6 +699,35 @@ __device__ __forceinline__ uint32_t half2_bits(float a, float b) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// locate() with a 32-ary search by each warp instead of a binary search by each thread: the
+// predicate "slot start s_b = cu[b] / bm + b <= blockIdx.x" holds for a prefix of b (s_0 = 0), so
+// each round lets 32 lanes probe 32 evenly spaced b and keeps the stretch between the last true
+// and the first false probe: one round of coalesced loads up to 32 sequences, two up to 1024,
+// where the binary search waits on log2(batch) dependent loads before any other load can start.
+// Same result as locate() for valid cu_seqlens (and the same bounds checks for invalid ones).
+__device__ __forceinline__ bool locate_warp(const int* __restrict__ cu, int batch, int total, int bm,
+                                            Work& w) {
+  const int x = static_cast<int>(blockIdx.x);
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  int lo = 0;          // the predicate holds at lo
+  int hi = batch - 1;  // the answer is in [lo, hi]
+  while (lo < hi) {
+    const int step = (hi - lo + 31) / 32;  // probes lo + step, lo + 2 step, ..., up to hi
+    const int b = lo + (lane + 1) * step;
+    const bool in = b <= hi && __ldg(cu + b) / bm + b <= x;
+    const int c = __popc(__ballot_sync(0xffffffffu, in));  // leading probes that hold
+    lo += c * step;
+    hi = min(hi, lo + step - 1);
+  }
+  const int start = __ldg(cu + lo);
+  const int end = __ldg(cu + lo + 1);
+  if (start < 0 || end < start || end > total) return false;
+  w.start = start;
+  w.len = end - start;
+  w.q0 = (x - (start / bm + lo)) * bm;
+  return w.q0 >= 0 && w.q0 < w.len;
+}
+
 // One key/value tile through the first MT (1 or 2) of this warp's m16 tiles; PARTIAL: the
 // sequence's last tile with nk < BN valid keys (a template argument, so that the full tiles' body
 // has no branch splitting it for the scheduler). Fragment layouts as
@@ -843,18 +872,21 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
   constexpr int DT = D / 8;
   static_assert(D % 16 == 0, "no padded columns: shared memory need not be zeroed");
   static_assert(threads16<T, D>() == THREADS, "launch geometry");
-  // As in attention_16bit's fp16 path: q aliases the k/v buffers (raw k x2, v x2, rotated k).
-  constexpr int KV = 5 * BN * LDS;
-  constexpr int SMEM = BM * LDS > KV ? BM * LDS : KV;
+  // Five tiles of BN rows: slots 0-1 hold q until its fragments are in registers, then raw k of
+  // odd tiles (slot 0) and rotated k (slot 1); raw k of even tiles in slot 2, v in slots 3 + tile&1.
+  // So q and the first k/v tile are all in flight at once (cp.async) right after locate.
+  constexpr int TILE = BN * LDS;
+  static_assert(BM == 2 * BN, "q fills slots 0-1");
+  constexpr int SMEM = 5 * TILE;
   __shared__ __align__(16) uint16_t smem[SMEM];
   __shared__ float inv_freq[D / 2];
   uint16_t* const sQ = smem;
-  uint16_t* const sK = smem;
-  uint16_t* const sKraw = smem + BN * LDS;
-  uint16_t* const sVbuf = smem + 3 * BN * LDS;
+  uint16_t* const sK = smem + TILE;  // rotated k
+  auto kraw = [&](int buf) { return smem + (buf == 0 ? 2 : 0) * TILE; };
+  auto vbuf = [&](int buf) { return smem + (3 + buf) * TILE; };
 
   Work w;
-  if (!locate(cu, batch, total, BM, w)) return;
+  if (!locate_warp(cu, batch, total, BM, w)) return;
   const bool rotary = rotary_flag != 0;
   const int head = static_cast<int>(blockIdx.y);
   const long long row_stride = 3LL * heads * D;
@@ -865,14 +897,18 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
   const int warp = tid / 32;
   const int lane = tid % 32;
 
-  if (rotary) {
-    rotary_frequencies<D>(inv_freq, base);
+  const int nq = min(BM, w.len - w.q0);
+  issue_rows<D, BM, LDS>(sQ, qkv, row_stride, qcol, w.start + w.q0, nq);  // rows past nq: zeros
+  issue_rows<D, BN, LDS>(kraw(0), qkv, row_stride, kcol, w.start, min(BN, w.len));
+  issue_rows<D, BN, LDS>(vbuf(0), qkv, row_stride, vcol, w.start, min(BN, w.len));
+  cp_async_commit();
+  if (rotary) rotary_frequencies<D>(inv_freq, base);
+  cp_async_wait<0>();
+  __syncthreads();
+  if (rotary) {  // in place: each thread reads and writes only its own elements
+    rotate_tile<T, D, BM, LDS>(sQ, sQ, w.start + w.q0, nq, pos, inv_freq);
     __syncthreads();
   }
-  const int nq = min(BM, w.len - w.q0);
-  load_qk<T, D, BM, LDS>(sQ, nullptr, qkv, row_stride, qcol, w.start + w.q0, nq, pos, inv_freq,
-                         rotary);
-  __syncthreads();
 
   // q fragments of both m16 tiles stay in registers for the whole key loop (rows past nq are 0).
   uint32_t qa[2][KSTEPS][4];
@@ -905,25 +941,21 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
     l[i][0] = l[i][1] = 0.0f;
   }
 
-  __syncthreads();  // q fragments read: the buffers alias sQ
-  issue_rows<D, BN, LDS>(sKraw, qkv, row_stride, kcol, w.start, min(BN, w.len));
-  issue_rows<D, BN, LDS>(sVbuf, qkv, row_stride, vcol, w.start, min(BN, w.len));
-  cp_async_commit();
   for (int kv0 = 0, tile = 0; kv0 < w.len; kv0 += BN, ++tile) {
     const int nk = min(BN, w.len - kv0);
     const int buf = tile & 1;
-    __syncthreads();  // previous tile fully consumed
+    __syncthreads();  // previous tile fully consumed (tile 0: q fragments read, slots 0-1 free)
     const int next = kv0 + BN;
-    if (next < w.len) {  // prefetch the next tile into the other buffer
+    if (next < w.len) {  // prefetch the next tile into the other buffers
       const int nn = min(BN, w.len - next);
-      issue_rows<D, BN, LDS>(sKraw + (buf ^ 1) * BN * LDS, qkv, row_stride, kcol, w.start + next, nn);
-      issue_rows<D, BN, LDS>(sVbuf + (buf ^ 1) * BN * LDS, qkv, row_stride, vcol, w.start + next, nn);
+      issue_rows<D, BN, LDS>(kraw(buf ^ 1), qkv, row_stride, kcol, w.start + next, nn);
+      issue_rows<D, BN, LDS>(vbuf(buf ^ 1), qkv, row_stride, vcol, w.start + next, nn);
     }
     cp_async_commit();
-    cp_async_wait<1>();  // this tile's group has landed
+    cp_async_wait<1>();  // this tile's group has landed (tile 0: the prologue's)
     __syncthreads();
-    const uint16_t* kt = sKraw + buf * BN * LDS;
-    const uint16_t* vt = sVbuf + buf * BN * LDS;
+    const uint16_t* kt = kraw(buf);
+    const uint16_t* vt = vbuf(buf);
     if (rotary) {
       rotate_tile<T, D, BN, LDS>(sK, kt, w.start + kv0, nk, pos, inv_freq);
       __syncthreads();
