@@ -1,9 +1,9 @@
 //! The GPU data path on the CUDA execution provider (and TensorRT, which shares it).
 //!
 //! Per pack: the token arrays are staged into page-locked host buffers (ONNX Runtime's
-//! `CUDA_PINNED` allocator, an arena, so buffers are reused across packs), bound with an
-//! `IoBinding` (ONNX Runtime copies them to the device on its stream), the graph runs on the
-//! device, and only the pooled output (`mean`, plus `hidden` when asked) comes back. Two bindings
+//! `CUDA_PINNED` allocator, an arena, so buffers are reused across packs), copied to device
+//! memory and bound with an `IoBinding`, the graph runs on the device, and only the pooled output
+//! (`mean`, plus `hidden` when asked) comes back. Two bindings
 //! alternate so that the output values of pack N stay valid while pack N+1 is bound.
 //!
 //! Overlap with the CPU side comes from the threads around the engine: the loader and packer
@@ -13,8 +13,9 @@
 //!
 //! Output placement: by default outputs are bound to `CUDA_PINNED` host memory, so ONNX Runtime
 //! copies them back at the end of the run on its own stream. With `VIRNUC_OUTPUT_ON_DEVICE=1` they are
-//! bound to device memory and copied back with a separate device-to-pinned copy (for comparison
-//! on the GPU machine).
+//! bound to device memory and copied back with a separate device-to-pinned copy; with
+//! `VIRNUC_INPUTS_ON_DEVICE=0` the pinned inputs are bound as they are (both for comparison on the
+//! GPU machine).
 
 use std::time::Instant;
 
@@ -36,6 +37,7 @@ pub(crate) struct CudaEngine {
     pinned: Allocator,
     output_memory: MemoryInfo<'static>,
     output_on_device: bool,
+    inputs_on_device: bool,
     device_id: i32,
     bindings: [IoBinding; 2],
     next: usize,
@@ -85,6 +87,12 @@ impl CudaEngine {
         let pinned = Allocator::new(&session, pinned_info)
             .map_err(|e| provider("pinned host allocator", e))?;
         let output_on_device = std::env::var("VIRNUC_OUTPUT_ON_DEVICE").is_ok_and(|v| v == "1");
+        // Inputs go to device memory before binding. Bound as pinned host memory, ONNX Runtime hands
+        // them to CUDA kernels as they are, and the kernels that read them (66 RotaryEmbedding
+        // nodes per 650M pack read `position_ids`) then fetch across PCIe: the `ort` flavor ran at
+        // 190k instead of 260k tokens/s on an H200 (BENCHMARKS.md, "Input placement").
+        // `VIRNUC_INPUTS_ON_DEVICE=0` keeps them pinned, for that comparison.
+        let inputs_on_device = std::env::var("VIRNUC_INPUTS_ON_DEVICE").map_or(true, |v| v != "0");
         let output_memory = if output_on_device {
             MemoryInfo::new(
                 AllocationDevice::CUDA,
@@ -115,6 +123,7 @@ impl CudaEngine {
             pinned,
             output_memory,
             output_on_device,
+            inputs_on_device,
             device_id: options.device_id,
             bindings,
             next: 0,
@@ -133,7 +142,11 @@ impl CudaEngine {
         let mut t = Tensor::<T>::new(&self.pinned, [data.len()])
             .ctx(|| format!("cannot allocate pinned host memory for {name}"))?;
         t.extract_tensor_mut().1.copy_from_slice(data);
-        Ok(t)
+        if !self.inputs_on_device {
+            return Ok(t);
+        }
+        t.to(AllocationDevice::CUDA, self.device_id)
+            .ctx(|| format!("cannot copy {name} to the device"))
     }
 
     fn fetch(&self, value: ort::value::DynValue, name: &str) -> Result<Vec<f32>> {

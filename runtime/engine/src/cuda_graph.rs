@@ -71,6 +71,7 @@ mod enabled {
             let env = runtime::environment()?;
             let ctx = || format!("CUDA graph session for {onnx}");
             let domain = custom_op::domain().ctx(|| "VarlenAttention op".into())?;
+            let registering = custom_op::registration_lock();
             let session = Session::builder(env)
                 .ctx(ctx)?
                 .with_no_environment_execution_providers()
@@ -86,6 +87,7 @@ mod enabled {
                 .ctx(ctx)?
                 .commit_from_file(&files.onnx)
                 .ctx(ctx)?;
+            drop(registering);
             check_session(&meta, &session, &onnx)?;
             let hidden = meta.model.hidden_size as usize;
             let device_memory = MemoryInfo::new(

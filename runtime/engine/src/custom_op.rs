@@ -16,6 +16,19 @@ pub const OP_TYPE: &str = "VarlenAttention";
 pub const VERSION: &str = "1";
 
 /// The domain with the fp32 and fp16 kernels, ready for `SessionBuilder::with_operators`.
+/// Held while a session that registers the `com.virnuc` domain is created.
+///
+/// ONNX Runtime adds a custom domain to a process-wide schema map during session creation, and two
+/// sessions doing so at the same moment can collide ("Trying to add a domain to DomainToVersion
+/// map, but the domain is already exist"; seen in CI with parallel tests). Creating such sessions
+/// one at a time costs nothing in a run (one or two sessions per process).
+pub fn registration_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A panic while holding the lock leaves nothing half-done here: the map is ORT's.
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub fn domain() -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
         .add(VarlenAttentionOp::<f32>::new(TensorElementType::Float32))?
