@@ -176,6 +176,7 @@ __device__ __forceinline__ void store_vec(uint16_t* p, const uint16_t (&in)[N]) 
   }
 }
 
+#ifndef VIRNUC_VARLEN_EMULATE  // (tools/gpu/varlen_attention/emulate: CPU versions)
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -216,6 +217,7 @@ __device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const uint32_t
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 // Loads R rows of q or k (D columns starting at `col`) into shared memory with rotary applied in
 // fp32, rounded to T (hi) and optionally the rounding remainder (lo). Rows past `nvalid` are
@@ -291,6 +293,7 @@ __device__ __forceinline__ void load_qk(uint16_t* hi, uint16_t* lo, const uint16
 
 // Asynchronous global -> shared copies (sm_80+); a source size of 0 writes zeros (rows past the
 // sequence's end) without reading global memory.
+#ifndef VIRNUC_VARLEN_EMULATE  // (tools/gpu/varlen_attention/emulate: CPU versions)
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
   const uint32_t n = valid ? BYTES : 0;
@@ -305,6 +308,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 // Issues the copies of R rows x D columns (at `col`) into `dst`; rows past `nvalid` become zeros.
 template <int D, int R, int LDS>
@@ -687,11 +691,13 @@ __host__ __device__ constexpr int threads16() {
   return use_v4<T, D>() ? 128 : warps16<D>() * 32;
 }
 
+#ifndef VIRNUC_VARLEN_EMULATE  // (tools/gpu/varlen_attention/emulate: CPU versions)
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+#endif
 
 // Two floats rounded to one f16x2 register (a in the low half: the mma fragments' order).
 __device__ __forceinline__ uint32_t half2_bits(float a, float b) {

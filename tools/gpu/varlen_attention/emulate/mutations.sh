@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Negative controls for check.sh: each mutation of the v4 kernel source must make it FAIL.
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+src="$here/../../../../plugins/varlen_attention/varlen_attention.cu"
+tmp="$(mktemp -d)"
+status=0
+mutate() {  # name, sed expression (must change the file)
+  sed "$2" "$src" >"$tmp/k.cu"
+  if cmp -s "$src" "$tmp/k.cu"; then echo "mutation $1 did not apply"; status=1; return; fi
+  if VARLEN_SRC="$tmp/k.cu" bash "$here/check.sh" --v4 >"$tmp/log" 2>&1; then
+    echo "NOT DETECTED: $1"; status=1
+  else
+    echo "detected: $1 ($(grep -c FAIL "$tmp/log") failing cases)"
+  fi
+}
+mutate "second m16 tile rows" 's/(i \* 64 + warp \* 16 + (lane % 16))/(i * 48 + warp * 16 + (lane % 16))/'
+mutate "no wait for the k/v tile" 's/cp_async_wait<1>();  \/\/ this tile.s group has landed (tile 0/cp_async_wait<2>();  \/\/ (tile 0/'
+# (Dropping only the -inf mask before the max is not detectable on random data: masked keys score
+# exactly 0 and their p are zeroed afterwards; the mask matters when every real score is far below 0.)
+mutate "masked key bound off by one" 's/if (j \* 8 + (lane % 4) \* 2 + (e \& 1) >= nk) s\[i\]\[j\]\[e\] = 0.0f;/if (j * 8 + (lane % 4) * 2 + (e \& 1) > nk) s[i][j][e] = 0.0f;/'
+mutate "no zeroing of masked p" 's/if constexpr (PARTIAL) {  \/\/ -inf/if constexpr (false) {  \/\/ -inf/'
+mutate "negative scale not folded into q" 's/scale < 0.0f ? 0x80008000u : 0u/0u/'
+mutate "32-ary search off by one" 's/    hi = min(hi, lo + step - 1);/    hi = min(hi, lo + step - 1) - (step > 1);/'
+mutate "one m16 tile per warp only" 's/(64 + warp \* 16 < nq ? 1 : 0)/0/'
+mutate "rotated k slot aliases raw k" 's/uint16_t\* const sK = smem + TILE;  \/\/ rotated k/uint16_t* const sK = smem + 2 * TILE;/'
+exit $status
