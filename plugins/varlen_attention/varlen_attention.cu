@@ -682,13 +682,20 @@ constexpr bool kV4 = false;
 
 template <typename T, int D>
 __host__ __device__ constexpr bool use_v4() {
-  return kV4 && __is_same(T, __half) && D == 64;
+  return kV4 && __is_same(T, __half) && (D == 64 || D == 128);
+}
+// v4 warps a block: 4 (128 query rows) at D = 64; 2 (64 rows, 64 threads) at D = 128, where the
+// o accumulators of two m16 tiles take 128 registers, so that key tiles of 32 rows keep shared
+// memory under 48 KiB with the same slot layout (q = two key tiles) and the grid stays BM = 64.
+template <int D>
+__host__ __device__ constexpr int v4_warps() {
+  return D == 128 ? 2 : 4;
 }
 
 // Threads of the 16-bit kernel for T and D (varlen_attention_launch.h mirrors it).
 template <typename T, int D>
 __host__ __device__ constexpr int threads16() {
-  return use_v4<T, D>() ? 128 : warps16<D>() * 32;
+  return use_v4<T, D>() ? v4_warps<D>() * 32 : warps16<D>() * 32;
 }
 
 #ifndef VIRNUC_VARLEN_EMULATE  // (tools/gpu/varlen_attention/emulate: CPU versions)
@@ -740,10 +747,13 @@ __device__ __forceinline__ bool locate_warp(const int* __restrict__ cu, int batc
 // in attention_16bit: this thread holds rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3) of each
 // m16 tile, keys j*8 + (lane%4)*2 + (e&1). m: running max of log2e-scaled scores; l: this
 // thread's partial row sums (quad-reduced at the end).
-template <int MT, bool PARTIAL, int D, int BN, int LDS>
-__device__ __forceinline__ void v4_tile(const uint32_t (&qa)[2][D / 16][4], float (&o)[2][D / 8][4],
-                                        float (&m)[2][2], float (&l)[2][2], const uint16_t* kt,
-                                        const uint16_t* vt, int nk, float sl2, int lane) {
+// QR: m16 tiles whose q fragments are in registers (qa); with QR = 1 the second tile's are loaded
+// from shared memory at q1 (this lane's ldmatrix address) for each k-step, sign-flipped by `sign`.
+template <int MT, bool PARTIAL, int QR, int D, int BN, int LDS>
+__device__ __forceinline__ void v4_tile(const uint32_t (&qa)[QR][D / 16][4], const uint16_t* q1,
+                                        uint32_t sign, float (&o)[2][D / 8][4], float (&m)[2][2],
+                                        float (&l)[2][2], const uint16_t* kt, const uint16_t* vt,
+                                        int nk, float sl2, int lane) {
   constexpr int KSTEPS = D / 16;
   constexpr int NT = BN / 8;
   constexpr int DT = D / 8;
@@ -758,6 +768,12 @@ __device__ __forceinline__ void v4_tile(const uint32_t (&qa)[2][D / 16][4], floa
   }
 #pragma unroll
   for (int ks = 0; ks < KSTEPS; ++ks) {
+    uint32_t a1[4];  // the second tile's q fragment when it is not kept in registers
+    if constexpr (MT == 2 && QR == 1) {
+      ldmatrix_x4(a1, q1 + ks * 16);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a1[e] ^= sign;
+    }
 #pragma unroll
     for (int j = 0; j < NT; j += 2) {
       const int off = (j * 8 + (lane % 8) + (lane / 16) * 8) * LDS + ks * 16 + ((lane / 8) & 1) * 8;
@@ -765,8 +781,13 @@ __device__ __forceinline__ void v4_tile(const uint32_t (&qa)[2][D / 16][4], floa
       ldmatrix_x4(b, kt + off);
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        mma<__half>(s[i][j], qa[i][ks], b[0], b[1]);
-        mma<__half>(s[i][j + 1], qa[i][ks], b[2], b[3]);
+        if (QR == 1 && i == 1) {
+          mma<__half>(s[i][j], a1, b[0], b[1]);
+          mma<__half>(s[i][j + 1], a1, b[2], b[3]);
+        } else {
+          mma<__half>(s[i][j], qa[i < QR ? i : 0][ks], b[0], b[1]);
+          mma<__half>(s[i][j + 1], qa[i < QR ? i : 0][ks], b[2], b[3]);
+        }
       }
     }
   }
@@ -870,9 +891,10 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
                                                  int heads, float scale, int rotary_flag,
                                                  float base) {
   using T = __half;
-  constexpr int THREADS = 128;
-  constexpr int BM = 128;  // 4 warps x 2 m16 tiles
-  constexpr int BN = 64;
+  constexpr int THREADS = v4_warps<D>() * 32;
+  constexpr int BM = v4_warps<D>() * 32;  // warps x 2 m16 tiles
+  constexpr int HM = BM / 2;              // rows of a warp's second m16 tile start HM further
+  constexpr int BN = BM / 2;              // 64 keys a tile at D = 64, 32 at D = 128
   constexpr int LDS = D + 8;  // +16 bytes a row: conflict-free ldmatrix
   constexpr int KSTEPS = D / 16;
   constexpr int DT = D / 8;
@@ -881,6 +903,9 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
   // Five tiles of BN rows: slots 0-1 hold q until its fragments are in registers, then raw k of
   // odd tiles (slot 0) and rotated k (slot 1); raw k of even tiles in slot 2, v in slots 3 + tile&1.
   // So q and the first k/v tile are all in flight at once (cp.async) right after locate.
+  // D = 128 (registers): the second m16 tiles' q stays in slot 1 and is read there for each tile;
+  // k is rotated in place in its raw buffer instead.
+  constexpr int QR = D == 128 ? 1 : 2;
   constexpr int TILE = BN * LDS;
   static_assert(BM == 2 * BN, "q fills slots 0-1");
   constexpr int SMEM = 5 * TILE;
@@ -917,11 +942,12 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
   }
 
   // q fragments of both m16 tiles stay in registers for the whole key loop (rows past nq are 0).
-  uint32_t qa[2][KSTEPS][4];
+  uint32_t qa[QR][KSTEPS][4];
   const uint32_t sign = scale < 0.0f ? 0x80008000u : 0u;  // softmax(s·q·k) = softmax(|s|·(−q)·k)
+  const uint16_t* const q1 = sQ + (HM + warp * 16 + (lane % 16)) * LDS + (lane / 16) * 8;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const uint16_t* base_ptr = sQ + (i * 64 + warp * 16 + (lane % 16)) * LDS + (lane / 16) * 8;
+  for (int i = 0; i < QR; ++i) {
+    const uint16_t* base_ptr = sQ + (i * HM + warp * 16 + (lane % 16)) * LDS + (lane / 16) * 8;
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
       ldmatrix_x4(qa[i][ks], base_ptr + ks * 16);
@@ -930,8 +956,8 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
     }
   }
   const float sl2 = fabsf(scale) * 1.4426950408889634f;  // exp(x) = exp2(x · log2 e)
-  // m16 tiles of this warp holding rows of the sequence (the second one's rows are 64 further).
-  const int mtiles = (warp * 16 < nq ? 1 : 0) + (64 + warp * 16 < nq ? 1 : 0);
+  // m16 tiles of this warp holding rows of the sequence (the second one's rows are HM further).
+  const int mtiles = (warp * 16 < nq ? 1 : 0) + (HM + warp * 16 < nq ? 1 : 0);
 
   float o[2][DT][4];
   float m[2][2];
@@ -963,22 +989,26 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
     const uint16_t* kt = kraw(buf);
     const uint16_t* vt = vbuf(buf);
     if (rotary) {
-      rotate_tile<T, D, BN, LDS>(sK, kt, w.start + kv0, nk, pos, inv_freq);
+      if constexpr (QR == 2) {
+        rotate_tile<T, D, BN, LDS>(sK, kt, w.start + kv0, nk, pos, inv_freq);
+        kt = sK;
+      } else {  // in place (slot 1 keeps q)
+        rotate_tile<T, D, BN, LDS>(kraw(buf), kt, w.start + kv0, nk, pos, inv_freq);
+      }
       __syncthreads();
-      kt = sK;
     }
     // Warp- and block-uniform branches: whole-tile bodies without control flow inside.
     if (nk == BN) {
       if (mtiles == 2) {
-        v4_tile<2, false, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+        v4_tile<2, false, QR, D, BN, LDS>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane);
       } else if (mtiles == 1) {
-        v4_tile<1, false, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+        v4_tile<1, false, QR, D, BN, LDS>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane);
       }
     } else {
       if (mtiles == 2) {
-        v4_tile<2, true, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+        v4_tile<2, true, QR, D, BN, LDS>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane);
       } else if (mtiles == 1) {
-        v4_tile<1, true, D, BN, LDS>(qa, o, m, l, kt, vt, nk, sl2, lane);
+        v4_tile<1, true, QR, D, BN, LDS>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane);
       }
     }
   }
@@ -996,7 +1026,7 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;  // 0: an m16 tile past the sequence's end
     const float i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    const int row = i * 64 + warp * 16 + lane / 4;
+    const int row = i * HM + warp * 16 + lane / 4;
 #pragma unroll
     for (int d = 0; d < DT; ++d) {
       const int col = d * 8 + (lane % 4) * 2;

@@ -45,10 +45,11 @@ else:
 def geometry(dtype: str, head_dim: int) -> tuple[int, int]:
     """(threads, query rows) per block; 16-bit head_dim 128 runs 4 warps instead of 8.
 
-    VARLEN_GEOMETRY=v4 (the fatbin of `build.sh --v4`): fp16 at head_dim 64 runs 4 warps of
-    32 rows each, 128 threads over the same 128 rows (so the same grid)."""
-    if dtype == "f16" and head_dim == 64 and os.environ.get("VARLEN_GEOMETRY") == "v4":
-        return 128, 128
+    VARLEN_GEOMETRY=v4 (the fatbin of `build.sh --v4`): fp16 runs 32 rows a warp, at head_dim 64
+    4 warps (128 threads) over the same 128 rows, at 128 2 warps (64 threads) over the same 64
+    rows: the same grids."""
+    if dtype == "f16" and head_dim in (64, 128) and os.environ.get("VARLEN_GEOMETRY") == "v4":
+        return (128, 128) if head_dim == 64 else (64, 64)
     if dtype != "f32" and head_dim == 128 and os.environ.get("VARLEN_GEOMETRY") != "v1":
         return 128, 64
     return THREADS[dtype], BLOCK_M[dtype]

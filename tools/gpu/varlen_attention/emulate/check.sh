@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the kernel source on the CPU (no GPU): emu_shim.h emulates the CUDA features it uses;
-# emu_main.cpp compares f16 head_dim 64 and 32 against float64. `check.sh [--v4] [--quick]`:
+# emu_main.cpp compares f16 head_dim 64, 128 and 32 against float64. `check.sh [--v4] [--quick]`:
 # --v4 compiles with -DVARLEN_V4 (the candidate kernel and its launch geometry). Runs twice: cp.async
 # copies landing as late (at the wait) and as early (at the commit) as the hardware allows.
 set -euo pipefail

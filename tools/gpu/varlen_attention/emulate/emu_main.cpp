@@ -9,6 +9,8 @@
 
 extern "C" void virnuc_varlen_attention_f16_d64(const void*, const int*, const long long*, void*,
                                                 int, int, int, float, int, float);
+extern "C" void virnuc_varlen_attention_f16_d128(const void*, const int*, const long long*, void*,
+                                                 int, int, int, float, int, float);
 extern "C" void virnuc_varlen_attention_f16_d32(const void*, const int*, const long long*, void*,
                                                 int, int, int, float, int, float);
 
@@ -130,6 +132,7 @@ int main(int argc, char** argv) {
     emu::Kernel k;
     int d;
   } kernels[] = {{"f16_d64", virnuc_varlen_attention_f16_d64, 64},
+                 {"f16_d128", virnuc_varlen_attention_f16_d128, 128},
                  {"f16_d32", virnuc_varlen_attention_f16_d32, 32}};
   bool ok = true;
   for (const auto& kr : kernels) {

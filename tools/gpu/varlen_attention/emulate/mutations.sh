@@ -14,7 +14,7 @@ mutate() {  # name, sed expression (must change the file)
     echo "detected: $1 ($(grep -c FAIL "$tmp/log") failing cases)"
   fi
 }
-mutate "second m16 tile rows" 's/(i \* 64 + warp \* 16 + (lane % 16))/(i * 48 + warp * 16 + (lane % 16))/'
+mutate "second m16 tile rows" 's/(i \* HM + warp \* 16 + (lane % 16))/(i * (HM - 16) + warp * 16 + (lane % 16))/'
 mutate "no wait for the k/v tile" 's/cp_async_wait<1>();  \/\/ this tile.s group has landed (tile 0/cp_async_wait<2>();  \/\/ (tile 0/'
 # (Dropping only the -inf mask before the max is not detectable on random data: masked keys score
 # exactly 0 and their p are zeroed afterwards; the mask matters when every real score is far below 0.)
@@ -22,6 +22,9 @@ mutate "masked key bound off by one" 's/if (j \* 8 + (lane % 4) \* 2 + (e \& 1) 
 mutate "no zeroing of masked p" 's/if constexpr (PARTIAL) {  \/\/ -inf/if constexpr (false) {  \/\/ -inf/'
 mutate "negative scale not folded into q" 's/scale < 0.0f ? 0x80008000u : 0u/0u/'
 mutate "32-ary search off by one" 's/    hi = min(hi, lo + step - 1);/    hi = min(hi, lo + step - 1) - (step > 1);/'
-mutate "one m16 tile per warp only" 's/(64 + warp \* 16 < nq ? 1 : 0)/0/'
+mutate "one m16 tile per warp only" 's/(HM + warp \* 16 < nq ? 1 : 0)/0/'
+mutate "D=128: second tile's q from shared memory not sign-flipped" 's/      for (int e = 0; e < 4; ++e) a1\[e\] ^= sign;//'
+mutate "D=128: second tile's q read from the wrong rows" 's/const q1 = sQ + (HM + warp \* 16/const q1 = sQ + (warp * 16/'
+mutate "D=128: k rotated into the q slot" 's/rotate_tile<T, D, BN, LDS>(kraw(buf), kt,/rotate_tile<T, D, BN, LDS>(sK, kt,/'
 mutate "rotated k slot aliases raw k" 's/uint16_t\* const sK = smem + TILE;  \/\/ rotated k/uint16_t* const sK = smem + 2 * TILE;/'
 exit $status
