@@ -2,7 +2,8 @@
 # One device call comparing the current kernel (build/varlen_attention) with the v4 candidate
 # (build/varlen_v4, from `bash plugins/varlen_attention/build.sh --v4`) on the same card:
 #   correctness of both (float64 reference, 120 cases each) and v4's negative control, the
-#   attention benchmark twice each, interleaved (base, v4, base, v4), a summary of ours / torch
+#   attention benchmark twice each, interleaved (base, v4, base, v4), once each at head_dim 128
+#   (15B shape), a summary of ours / torch
 #   flash per row (summary.txt), then compute-sanitizer memcheck of v4. Results under $OUT.
 # Run from the project root on the GPU machine, carrying build/varlen_attention and build/varlen_v4:
 #   bash tools/gpu/varlen_attention/compare_v4.sh
@@ -29,6 +30,11 @@ for rep in 1 2; do
   v4 python3 "$py" bench --out "$out/bench_v4_$rep.json" >"$out/bench_v4_$rep.txt" 2>&1 || status=1
   tail -n 6 "$out/bench_v4_$rep.txt"
 done
+echo "== head_dim 128 (15B shape), once each"
+python3 "$py" bench-d128 --out "$out/bench_base_d128.json" >"$out/bench_base_d128.txt" 2>&1 || status=1
+tail -n 4 "$out/bench_base_d128.txt"
+v4 python3 "$py" bench-d128 --out "$out/bench_v4_d128.json" >"$out/bench_v4_d128.txt" 2>&1 || status=1
+tail -n 4 "$out/bench_v4_d128.txt"
 echo "== benches done after $((SECONDS - t0)) s"
 python3 - "$out" <<'EOF' | tee "$out/summary.txt"
 import json
@@ -37,11 +43,11 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 runs = {}
-for name in ("base_1", "v4_1", "base_2", "v4_2"):
+for name in ("base_1", "v4_1", "base_2", "v4_2", "base_d128", "v4_d128"):
     path = out / f"bench_{name}.json"
     if path.is_file():
         runs[name] = {(r["model"], r["mix"]): r for r in json.loads(path.read_text())}
-keys = next(iter(runs.values())).keys() if runs else []
+keys = list(dict.fromkeys(k for rows in runs.values() for k in rows))
 print("ours / torch flash (no rotary; < 1 is faster than flash), and rotary-fused us; same card")
 print("| model | mix | run | no-rotary us | flash us | ratio | rotary us | agree vs torch |")
 print("|---|---|---|---|---|---|---|---|")

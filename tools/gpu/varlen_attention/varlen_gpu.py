@@ -6,6 +6,7 @@ artifact the Rust runtime loads.
 
     python3 varlen_gpu.py check  [--quick] [--out FILE]   # float64 reference, every head dim
     python3 varlen_gpu.py bench  [--out FILE]             # attention-only timing vs torch flash varlen
+    python3 varlen_gpu.py bench-d128 [--out FILE]         # the same at head_dim 128 (ESM-2 15B)
     python3 varlen_gpu.py control                         # shows the checks can fail
 
 Runs only where torch sees a GPU and CuPy is installed (the device image has both).
@@ -325,6 +326,8 @@ def time_ms(fn: Any, iters: int = 50, groups: int = 5) -> float:
 
 # (label, heads, head_dim, dtype, mixes) of each benchmark row set.
 BENCH_MAIN = [(f"{m} H={h} D=64", h, 64, "f16", ("chunk500", "broad")) for m, h in (("650M", 20), ("3B", 40))]
+# ESM-2 15B's attention shape (head_dim 128), fp16, both mixes.
+BENCH_D128 = [("15B H=40 D=128", 40, 128, "f16", ("chunk500", "broad"))]
 # Every ESM-2 size's attention shape, fp16 and bf16, on the chunk500 mix.
 BENCH_SIZES = [
     (f"{m} H={h} D={d}", h, d, dt, ("chunk500",))
@@ -438,7 +441,7 @@ def run_bench(out_path: Path | None, configs: list | None = None) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["check", "bench", "bench-sizes", "control"])
+    ap.add_argument("mode", choices=["check", "bench", "bench-sizes", "bench-d128", "control"])
     ap.add_argument("--quick", action="store_true", help="a few small cases (for compute-sanitizer)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -450,7 +453,8 @@ def main() -> int:
         return 0 if run_check(args.quick, args.out) else 1
     if args.mode == "control":
         return 0 if run_control() else 1
-    run_bench(args.out, BENCH_SIZES if args.mode == "bench-sizes" else BENCH_MAIN)
+    configs = {"bench-sizes": BENCH_SIZES, "bench-d128": BENCH_D128}.get(args.mode, BENCH_MAIN)
+    run_bench(args.out, configs)
     return 0
 
 
