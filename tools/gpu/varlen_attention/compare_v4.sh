@@ -6,8 +6,11 @@
 #   (15B shape), a summary of ours / torch
 #   flash per row (summary.txt), then compute-sanitizer memcheck of v4. Results under $OUT.
 # Run from the project root on the GPU machine, carrying build/varlen_attention and build/varlen_v4:
-#   bash tools/gpu/varlen_attention/compare_v4.sh
+#   bash tools/gpu/varlen_attention/compare_v4.sh [--quick]
+# --quick skips the current kernel's check (unchanged source) and v4's memcheck.
 set -uo pipefail
+quick=0
+[[ "${1:-}" == "--quick" ]] && quick=1
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 out="${OUT:-/tmp/varlen_out}"
 mkdir -p "$out"
@@ -19,7 +22,9 @@ t0=$SECONDS
 for f in build/varlen_attention/varlen_attention.fatbin build/varlen_v4/varlen_attention.fatbin; do
   [[ -f "$f" ]] || { echo "missing $f (build it and carry its folder)"; exit 1; }
 done
-OUT="$out" bash "$run" check-v4 control-v4 check || status=1
+steps=(check-v4 control-v4)
+[[ $quick == 1 ]] || steps+=(check)
+OUT="$out" bash "$run" "${steps[@]}" || status=1
 echo "== correctness done after $((SECONDS - t0)) s"
 v4() { VARLEN_FATBIN=build/varlen_v4/varlen_attention.fatbin VARLEN_GEOMETRY=v4 "$@"; }
 for rep in 1 2; do
@@ -63,6 +68,6 @@ for key in keys:
         )
 EOF
 # Last, so that a time limit cuts the slowest step and not the figures.
-OUT="$out" bash "$run" memcheck-v4 || status=1
+[[ $quick == 1 ]] || OUT="$out" bash "$run" memcheck-v4 || status=1
 echo "compare_v4: exit status $status after $((SECONDS - t0)) s"
 exit $status
