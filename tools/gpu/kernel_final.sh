@@ -18,7 +18,7 @@ pack() {
 }
 trap pack EXIT
 t0=$SECONDS
-left() { echo $((limit - (SECONDS - t0))); }
+left() { local l=$((limit - (SECONDS - t0))); echo $((l > 1 ? l : 1)); }
 OUT="$work" timeout "$(left)" bash tools/gpu/varlen_attention/compare_v4.sh --quick 2>&1 | tee "$work/compare_v4.log" | tail -30
 echo "== memcheck of v4 with $(left) s left"
 OUT="$work" timeout "$(left)" bash tools/gpu/varlen_attention/run.sh memcheck-v4 2>&1 | tail -6
