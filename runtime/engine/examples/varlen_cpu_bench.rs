@@ -1,0 +1,84 @@
+//! Times the CPU `VarlenAttention` op on packs shaped like the benchmark workloads.
+//!
+//! `cargo run --release -p virnuc-engine --example varlen_cpu_bench [-- REPEATS]`
+//!
+//! chunk500: lengths 168 (75%) or 20-168, 2048 tokens (the CPU default budget); broad: log-normal
+//! 50-1024, 4096 tokens. Head shapes of ESM-2 8M (20 × 16), 35M (20 × 24) and 650M (20 × 64), fp32,
+//! rotary on. Prints the median of REPEATS runs (default 7) per shape.
+
+use std::time::Instant;
+
+use virnuc_engine::varlen::{VarlenParams, varlen_attention};
+
+/// xorshift64*: reproducible without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn lengths(mix: &str, budget: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut total = 0;
+    loop {
+        let n = match mix {
+            "chunk500" if rng.unit() < 0.75 => 168,
+            "chunk500" => 20 + (rng.unit() * 149.0) as usize,
+            _ => {
+                // Box-Muller normal → log-normal(ln 300, 0.7), clipped to 50..=1024.
+                let z = (-2.0 * rng.unit().max(1e-12).ln()).sqrt()
+                    * (2.0 * std::f64::consts::PI * rng.unit()).cos();
+                ((300f64.ln() + 0.7 * z).exp() as usize).clamp(50, 1024)
+            }
+        };
+        if total + n > budget {
+            return out;
+        }
+        total += n;
+        out.push(n);
+    }
+}
+
+fn main() {
+    let repeats: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(7);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for (mix, budget) in [("chunk500", 2048), ("broad", 4096)] {
+        let lens = lengths(mix, budget, &mut rng);
+        let total: usize = lens.iter().sum();
+        let mut cu = vec![0i32];
+        let mut pos = Vec::with_capacity(total);
+        for &n in &lens {
+            cu.push(cu.last().copied().unwrap_or(0) + n as i32);
+            pos.extend(0..n as i64);
+        }
+        for (model, h, d) in [("8M", 20, 16), ("35M", 20, 24), ("650M", 20, 64)] {
+            let qkv: Vec<f32> = (0..total * 3 * h * d)
+                .map(|_| (rng.unit() * 2.0 - 1.0) as f32)
+                .collect();
+            let mut out = vec![0f32; total * h * d];
+            let params = VarlenParams::new(h);
+            let mut times = Vec::with_capacity(repeats);
+            for _ in 0..repeats {
+                let t = Instant::now();
+                varlen_attention(&qkv, &cu, Some(&pos), &params, &mut out).expect("valid pack");
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{mix:9} {model:5} H={h} D={d:3} {} seqs, {total} tokens: {:8.2} ms (median of {repeats})",
+                lens.len(),
+                times[repeats / 2]
+            );
+        }
+    }
+}
