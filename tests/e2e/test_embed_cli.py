@@ -190,6 +190,43 @@ def test_broken_pipe_exits_0(binary: Path) -> None:
     assert r.stdout.startswith(">")
 
 
+def test_input_shards_together_equal_the_whole_run(
+    binary: Path, models: dict[str, Exported], tmp_path: Path
+) -> None:
+    """`--input-shard I/N` (one process per GPU, or a job array): the N files hold every sequence of
+    the unsharded run once, with its embedding; each report accounts for the other shards' records."""
+    model = models["virnuc"].path
+    whole = tmp_path / "whole.h5"
+    r = embed(binary, [GLOBINS], model, whole, "--mode", "protein")
+    assert r.returncode == 0, r.stderr
+    want = read_h5(whole)
+    got_ids: list[str] = []
+    got_rows: list[np.ndarray] = []
+    for i in range(3):
+        out = tmp_path / f"part{i}.h5"
+        r = embed(binary, [GLOBINS], model, out, "--mode", "protein", "--input-shard", f"{i}/3")
+        assert r.returncode == 0, r.stderr
+        assert f"input shard {i}/3" in r.stderr
+        data = json.loads(r.stdout)["data"]
+        assert data["input_shard"] == f"{i}/3" and data["records_read"] == 45
+        assert data["records_other_shards"] + data["stages"]["records_processed"] == 45
+        part = read_h5(out)
+        assert part["attrs"]["input_shard"] == f"{i}/3"
+        # Round robin by record: shard i holds records i, i + 3, ... in input order.
+        assert list(part["ids"]) == list(want["ids"][i::3])
+        got_ids += list(part["ids"])
+        got_rows += list(part["embeddings"])
+    assert sorted(got_ids) == sorted(want["ids"])
+    order = {k: n for n, k in enumerate(got_ids)}
+    rows = np.stack([got_rows[order[k]] for k in want["ids"]])
+    _, rel = row_errors(rows, want["embeddings"])
+    assert rel <= 1e-5, rel
+    assert read_h5(whole)["attrs"]["input_shard"] == "all"
+    for bad in ("3/3", "1/0", "x"):
+        r = embed(binary, [GLOBINS], model, tmp_path / "bad.h5", "--input-shard", bad)
+        assert r.returncode == 2 and "I/N" in r.stderr, r.stderr
+
+
 def test_yaml_run_config(binary: Path, models: dict[str, Exported], tmp_path: Path) -> None:
     cfg = tmp_path / "run.yaml"
     cfg.write_text(

@@ -371,6 +371,13 @@ fn attributes(s: &EmbedSettings, info: &EngineInfo) -> Result<Vec<(String, Strin
         // Packing decides rounding in the last bit: a resume must use the same budget to give a
         // bit-identical file (the writer refuses a resume whose attributes differ).
         ("token_budget".into(), s.toks_per_batch.to_string()),
+        // Which part of the input this file holds ("all" or I/N); a resume with another part is
+        // refused with the other attributes.
+        (
+            "input_shard".into(),
+            s.input_shard
+                .map_or_else(|| "all".to_string(), |shard| shard.to_string()),
+        ),
     ])
 }
 
@@ -444,8 +451,16 @@ fn finish(
         resumed,
         data,
     };
+    let shard_note = match &report.data.input_shard {
+        Some(shard) => format!(
+            ", input shard {shard}: {} of {} records, the others left to the other shards",
+            report.data.records_read - report.data.records_other_shards,
+            report.data.records_read
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "virnuc-trt: wrote {} sequences to {} ({} on {}, {:.0} tokens/s, engine busy {:.1}%)",
+        "virnuc-trt: wrote {} sequences to {} ({} on {}, {:.0} tokens/s, engine busy {:.1}%{shard_note})",
         summary.sequences,
         summary.path.display(),
         report.model_name,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Deserialize;
-use virnuc_data::{LongPolicy, Mode, PipelineConfig};
+use virnuc_data::{InputShard, LongPolicy, Mode, PipelineConfig};
 use virnuc_engine::Ep;
 use virnuc_output::OutputDtype;
 
@@ -127,6 +127,12 @@ pub struct EmbedArgs {
     /// Sequences per output shard (the work lost to a crash). [default: 4096]
     #[arg(long, value_name = "N")]
     pub shard_sequences: Option<usize>,
+    /// Embed only part I of N of the input (0 ≤ I < N): the records at positions ≡ I mod N, all
+    /// files in order. Run N processes, one per GPU (`--device`) or one per job of a scheduler's
+    /// array (Slurm: `--input-shard $SLURM_ARRAY_TASK_ID/N`), each with its own --out; together
+    /// the N files hold every sequence once, each record whole in one file.
+    #[arg(long, value_name = "I/N", env = "VIRNUC_INPUT_SHARD")]
+    pub input_shard: Option<InputShard>,
     /// Skip the sha256 check of model.onnx against model.json (large models, trusted files).
     #[arg(long)]
     pub skip_hash: bool,
@@ -186,6 +192,8 @@ pub struct RunConfig {
     pub threads: Option<usize>,
     pub trt_cache: Option<PathBuf>,
     pub shard_sequences: Option<usize>,
+    /// `I/N`, as the flag.
+    pub input_shard: Option<String>,
     pub skip_hash: Option<bool>,
 }
 
@@ -256,6 +264,7 @@ pub struct EmbedSettings {
     pub threads: usize,
     pub trt_cache: Option<PathBuf>,
     pub shard_sequences: usize,
+    pub input_shard: Option<InputShard>,
     pub skip_hash: bool,
     pub quiet: bool,
 }
@@ -302,6 +311,14 @@ impl EmbedSettings {
             GPU_TOKS_PER_BATCH
         };
         let chunk = args.data.chunk.or(c.chunk).unwrap_or(500);
+        let input_shard = match (args.input_shard, &c.input_shard) {
+            (Some(shard), _) => Some(shard),
+            (None, Some(text)) => match text.parse() {
+                Ok(shard) => Some(shard),
+                Err(e) => return usage(format!("input_shard in the run config: {e}")),
+            },
+            (None, None) => None,
+        };
         let settings = Self {
             inputs,
             model,
@@ -332,6 +349,7 @@ impl EmbedSettings {
             threads: args.threads.or(c.threads).unwrap_or(0),
             trt_cache: args.trt_cache.clone().or(c.trt_cache.clone()),
             shard_sequences: args.shard_sequences.or(c.shard_sequences).unwrap_or(4096),
+            input_shard,
             skip_hash: args.skip_hash || c.skip_hash.unwrap_or(false),
             quiet: args.quiet,
         };
@@ -355,6 +373,7 @@ impl EmbedSettings {
             token_budget: self.toks_per_batch,
             workers: self.workers,
             prefetch: self.prefetch,
+            input_shard: self.input_shard,
             ..PipelineConfig::default()
         }
     }
@@ -410,5 +429,31 @@ mod tests {
         assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
         let e = EmbedSettings::resolve(&parse(&["x.fa", "--out", "o.h5"])).expect_err("no model");
         assert!(e.to_string().contains("--model"), "{e}");
+    }
+
+    #[test]
+    fn input_shard_from_yaml_or_flag_reaches_the_pipeline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("run.yaml");
+        std::fs::write(
+            &cfg,
+            "inputs: [a.fa]\nmodel: m\nout: o.h5\ninput_shard: 1/4\n",
+        )
+        .expect("write");
+        let path = cfg.to_str().expect("utf8");
+        let s = EmbedSettings::resolve(&parse(&["--config", path])).expect("resolves");
+        let want = InputShard { index: 1, count: 4 };
+        assert_eq!(s.pipeline().input_shard, Some(want));
+        let s = EmbedSettings::resolve(&parse(&["--config", path, "--input-shard", "3/4"]))
+            .expect("resolves");
+        assert_eq!(s.pipeline().input_shard.map(|x| x.index), Some(3));
+        std::fs::write(
+            &cfg,
+            "inputs: [a.fa]\nmodel: m\nout: o.h5\ninput_shard: 4/4\n",
+        )
+        .expect("write");
+        let e = EmbedSettings::resolve(&parse(&["--config", path])).expect_err("out of range");
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
+        assert!(e.to_string().contains("I/N"), "{e}");
     }
 }

@@ -79,6 +79,44 @@ impl std::str::FromStr for Mode {
 /// Resume predicate: returns true for output indices already done.
 pub type SkipFn = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
+/// One of `count` disjoint parts of the input, for one process per GPU or a scheduler's job array:
+/// shard `index` takes the records whose 0-based position in the input (all files, in order) is
+/// `index` modulo `count`. Round-robin by record keeps the shards balanced whatever the order of
+/// the input, and keeps every chunk and frame of a record in the same shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputShard {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl InputShard {
+    /// Whether the record at 0-based input position `ordinal` belongs to this shard.
+    pub fn takes(self, ordinal: u64) -> bool {
+        ordinal % self.count == self.index
+    }
+}
+
+impl std::fmt::Display for InputShard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for InputShard {
+    type Err = String;
+    /// `I/N` with 0 ≤ I < N (`0/4` … `3/4`; a Slurm array task passes `$SLURM_ARRAY_TASK_ID/N`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("input shard {s:?}: expected I/N with 0 <= I < N, e.g. 0/4");
+        let (i, n) = s.split_once('/').ok_or_else(usage)?;
+        let index: u64 = i.trim().parse().map_err(|_| usage())?;
+        let count: u64 = n.trim().parse().map_err(|_| usage())?;
+        if count == 0 || index >= count {
+            return Err(usage());
+        }
+        Ok(Self { index, count })
+    }
+}
+
 /// Everything [`start`] needs.
 #[derive(Clone)]
 pub struct PipelineConfig {
@@ -103,6 +141,9 @@ pub struct PipelineConfig {
     pub prefetch: usize,
     /// Output indices already done (resume): counted, not packed.
     pub skip: Option<SkipFn>,
+    /// Only this shard's records (`None`: all of them). Honoured by [`start`]; the sequential
+    /// [`proteins`] view refuses it.
+    pub input_shard: Option<InputShard>,
 }
 
 impl std::fmt::Debug for PipelineConfig {
@@ -120,6 +161,7 @@ impl std::fmt::Debug for PipelineConfig {
             .field("workers", &self.workers)
             .field("prefetch", &self.prefetch)
             .field("skip", &self.skip.as_ref().map(|_| "fn"))
+            .field("input_shard", &self.input_shard)
             .finish()
     }
 }
@@ -139,6 +181,7 @@ impl Default for PipelineConfig {
             workers: 0,
             prefetch: 4,
             skip: None,
+            input_shard: None,
         }
     }
 }
@@ -161,6 +204,12 @@ impl PipelineConfig {
         }
         if self.max_seqs_per_pack == Some(0) {
             return bad("max_seqs_per_pack must be positive");
+        }
+        if self
+            .input_shard
+            .is_some_and(|s| s.count == 0 || s.index >= s.count)
+        {
+            return bad("input shard index must be below the shard count");
         }
         Ok(())
     }

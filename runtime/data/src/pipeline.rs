@@ -217,7 +217,7 @@ struct PackerOutcome {
 /// A running pipeline: iterate it for packs, then call [`Pipeline::finish`] for the report.
 pub struct Pipeline {
     rx: Option<Receiver<Result<PackedBatch, DataError>>>,
-    reader: Option<JoinHandle<SourceStats>>,
+    reader: Option<JoinHandle<(SourceStats, OtherShards)>>,
     workers: Vec<JoinHandle<()>>,
     packer: Option<JoinHandle<PackerOutcome>>,
     config: PipelineConfig,
@@ -253,8 +253,9 @@ pub fn start(config: PipelineConfig) -> Result<Pipeline, DataError> {
 
     let inputs = config.inputs.clone();
     let stage = StageConfig::from(&config);
+    let shard = config.input_shard;
     let reader = spawn("virnuc-reader", move || {
-        reader_loop(inputs, stage, work_tx, ticket_rx)
+        reader_loop(inputs, stage, shard, work_tx, ticket_rx)
     })?;
     let mut handles = Vec::with_capacity(workers);
     for w in 0..workers {
@@ -366,12 +367,21 @@ impl BatchSender {
     }
 }
 
+/// Records the reader passed over because they belong to other shards.
+#[derive(Debug, Default, Clone, Copy)]
+struct OtherShards {
+    records: u64,
+    /// Of those, records with an empty sequence (the loader counts them as empty too).
+    empty: u64,
+}
+
 fn reader_loop(
     inputs: Vec<std::path::PathBuf>,
     stage: StageConfig,
+    shard: Option<crate::InputShard>,
     tx: Sender<Work>,
     tickets: Receiver<()>,
-) -> SourceStats {
+) -> (SourceStats, OtherShards) {
     let mut source = Source::new(inputs);
     let mut out = BatchSender {
         tx,
@@ -380,9 +390,19 @@ fn reader_loop(
         batch: RecordBatch::default(),
         open: true,
     };
+    // Position of each record handed over, across all inputs: the same in every shard's run. (A
+    // FASTA file ending in a bare header is counted by the loader without being handed over: every
+    // shard reports that record as empty.)
+    let mut ordinal = 0u64;
+    let mut others = OtherShards::default();
     while out.open {
         match source.next_record(|r: RecordRef<'_>| {
-            if !r.seq.is_empty() {
+            let mine = shard.is_none_or(|s| s.takes(ordinal));
+            ordinal += 1;
+            if !mine {
+                others.records += 1;
+                others.empty += u64::from(r.seq.is_empty());
+            } else if !r.seq.is_empty() {
                 out.record(r.id, r.seq, &stage);
             }
         }) {
@@ -398,7 +418,7 @@ fn reader_loop(
             }
         }
     }
-    source.stats
+    (source.stats, others)
 }
 
 fn worker_loop(config: StageConfig, rx: Receiver<Work>, tx: Sender<Done>) {
@@ -549,7 +569,7 @@ impl Pipeline {
         for w in self.workers.drain(..) {
             w.join().map_err(|_| DataError::Panic("worker"))?;
         }
-        let source = self
+        let (source, others) = self
             .reader
             .take()
             .map(JoinHandle::join)
@@ -568,7 +588,9 @@ impl Pipeline {
             token_budget: c.token_budget,
             files: source.files,
             records_read: source.records_read,
-            records_empty: source.records_empty,
+            records_empty: source.records_empty - others.empty,
+            input_shard: c.input_shard.map(|s| s.to_string()),
+            records_other_shards: others.records,
             duplicate_ids: source.duplicate_ids,
             duplicate_check_capped: source.duplicate_check_capped,
             non_utf8_ids: source.non_utf8_ids,
@@ -632,6 +654,12 @@ pub fn proteins(config: &PipelineConfig) -> Result<Proteins, DataError> {
 
 /// [`proteins`] over explicit inputs (readers included); `config.inputs` is ignored.
 pub fn proteins_from(inputs: Vec<Input>, config: &PipelineConfig) -> Result<Proteins, DataError> {
+    if config.input_shard.is_some() {
+        // Not implemented for this view: refusing beats returning every record as if sharded.
+        return Err(DataError::Config(
+            "input shards are taken by the threaded pipeline only".into(),
+        ));
+    }
     if config.chunk_len < 3 || config.max_residues == 0 {
         return Err(DataError::Config(
             "chunk_len must be at least 3 and max_residues positive".into(),

@@ -83,6 +83,12 @@ pub struct RunReport {
     pub records_read: u64,
     /// Records with an empty sequence: skipped (VirNucPro would divide by zero on them).
     pub records_empty: u64,
+    /// `I/N` when the run took one shard of the input; the records of the other shards are read
+    /// (to know their positions) and counted here, nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_shard: Option<String>,
+    #[serde(default)]
+    pub records_other_shards: u64,
     /// Records whose id repeats an earlier id (exact up to 64-bit hash collisions); processed anyway,
     /// output indices stay unique.
     pub duplicate_ids: u64,
@@ -124,9 +130,9 @@ impl RunReport {
             self.files.iter().map(|f| f.records).sum(),
         )?;
         eq(
-            "records read = empty + processed",
+            "records read = empty + processed + other shards",
             self.records_read,
-            self.records_empty + s.records_processed,
+            self.records_empty + s.records_processed + self.records_other_shards,
         )?;
         if self.mode == "nucleotide" {
             eq("frames = 6 × chunks", s.frames, 6 * s.chunks)?;

@@ -324,3 +324,97 @@ fn compat_mode_equals_virnucpro_golden_output() {
         assert_ne!(run_mode(false), expected);
     }
 }
+
+/// `--input-shard I/N`: the shards of a run partition its records: together they give exactly the
+/// sequences of the unsharded run, each in one shard, whole records per shard, and every shard's
+/// report accounts for the records it left to the others.
+#[test]
+fn input_shards_partition_the_records_of_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // An empty record at an odd position, so that one shard owns it and the others pass over it.
+    let extra = write(
+        dir.path(),
+        "extra.fa",
+        b">empty_one\n\n>short\nATGGCTAAATAGCCC\n>long\nATGGCGGCGGCGGCGGCGGCGGCGGCGGCGGCGGCGGCG\n",
+    );
+    let inputs = vec![
+        fixture("lambda_reads_200.fq.gz"),
+        extra,
+        fixture("lambda_virus.fa"),
+    ];
+    let (full_packs, full) = run(config(inputs.clone()));
+    let record_of = |id: &str| id.split("_chunk_").next().unwrap().to_string();
+    let mut full_seqs: Vec<(String, Vec<i64>)> = sequences(&full_packs)
+        .into_iter()
+        .map(|(_, id, t)| (id, t))
+        .collect();
+    full_seqs.sort();
+    for count in [1u64, 2, 3, 7] {
+        let mut union = vec![];
+        let mut owner = std::collections::HashMap::new();
+        let mut empty_total = 0;
+        for index in 0..count {
+            let shard = virnuc_data::InputShard { index, count };
+            let (packs, report) = run(PipelineConfig {
+                input_shard: Some(shard),
+                ..config(inputs.clone())
+            });
+            report.check_accounting().unwrap();
+            assert_eq!(
+                report.records_read, full.records_read,
+                "every shard reads everything"
+            );
+            assert_eq!(
+                report.input_shard.as_deref(),
+                Some(shard.to_string().as_str())
+            );
+            empty_total += report.records_empty;
+            let seqs = sequences(&packs);
+            // Output indices of a shard run are its own, dense from 0.
+            let mut idx: Vec<u64> = seqs.iter().map(|s| s.0).collect();
+            idx.sort_unstable();
+            assert!(idx.iter().enumerate().all(|(i, &x)| i as u64 == x));
+            for (_, id, tokens) in seqs {
+                // Whole records per shard: every chunk and frame of a record lands in one shard.
+                let prev = owner.insert(record_of(&id), index);
+                assert!(prev.is_none_or(|p| p == index), "{id} split across shards");
+                union.push((id, tokens));
+            }
+        }
+        union.sort();
+        assert_eq!(
+            union, full_seqs,
+            "{count} shards together = the unsharded run"
+        );
+        assert_eq!(
+            empty_total, full.records_empty,
+            "each empty record counted by one shard"
+        );
+    }
+}
+
+#[test]
+fn input_shard_syntax_and_bounds() {
+    use virnuc_data::InputShard;
+    let ok: InputShard = "3/4".parse().unwrap();
+    assert_eq!((ok.index, ok.count), (3, 4));
+    assert_eq!(ok.to_string(), "3/4");
+    assert!(ok.takes(7) && !ok.takes(8));
+    for bad in ["4/4", "1/0", "-1/4", "1", "a/b", "1/2/3", ""] {
+        let e = bad.parse::<InputShard>().unwrap_err();
+        assert!(e.contains("expected I/N"), "{bad}: {e}");
+    }
+    let cfg = PipelineConfig {
+        input_shard: Some(InputShard { index: 2, count: 2 }),
+        ..config(vec![fixture("lambda_virus.fa")])
+    };
+    assert!(virnuc_data::start(cfg.clone()).is_err());
+    let sequential = PipelineConfig {
+        input_shard: Some(InputShard { index: 0, count: 2 }),
+        ..cfg
+    };
+    assert!(
+        proteins(&sequential).is_err(),
+        "the sequential view must refuse shards"
+    );
+}
