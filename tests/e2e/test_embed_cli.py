@@ -222,6 +222,12 @@ def test_input_shards_together_equal_the_whole_run(
     _, rel = row_errors(rows, want["embeddings"])
     assert rel <= 1e-5, rel
     assert read_h5(whole)["attrs"]["input_shard"] == "all"
+    # A finished file is "nothing to resume" only for the same run; another part is refused.
+    again = ["--mode", "protein", "--resume"]
+    r = embed(binary, [GLOBINS], model, tmp_path / "part0.h5", *again, "--input-shard", "0/3")
+    assert r.returncode == 0 and "nothing to resume" in r.stderr, r.stderr
+    r = embed(binary, [GLOBINS], model, tmp_path / "part0.h5", *again, "--input-shard", "1/3")
+    assert r.returncode != 0 and 'input_shard = "0/3"' in r.stderr, r.stderr
     for bad in ("3/3", "1/0", "x"):
         r = embed(binary, [GLOBINS], model, tmp_path / "bad.h5", "--input-shard", bad)
         assert r.returncode == 2 and "I/N" in r.stderr, r.stderr

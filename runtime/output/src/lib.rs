@@ -132,6 +132,22 @@ pub enum OutputError {
     PartialExists { work: PathBuf },
     #[error("{path} is already complete; nothing to resume")]
     AlreadyComplete { path: PathBuf },
+    #[error(
+        "{path} is complete but was made with {key} = {existing:?}, not {requested:?}: it is not \
+         this run's output (remove it or choose another --out)"
+    )]
+    CompleteButDifferent {
+        path: PathBuf,
+        key: String,
+        existing: String,
+        requested: String,
+    },
+    #[error("{path} exists but is not an HDF5 file this tool can read: {source}")]
+    NotAnOutput {
+        path: PathBuf,
+        #[source]
+        source: hdf5::Error,
+    },
     #[error("cannot write output to {path}: {source}")]
     Unwritable {
         path: PathBuf,
@@ -315,7 +331,19 @@ impl EmbeddingWriter {
                 if work.exists() {
                     std::fs::remove_dir_all(&work).map_err(io_err(&work))?;
                 }
-                return Err(OutputError::AlreadyComplete { path });
+                // "Complete" only if it is this run's output: same settings, as a partial run's
+                // journal is checked below.
+                return Err(
+                    match merge::first_differing_attribute(&path, &config.attributes)? {
+                        None => OutputError::AlreadyComplete { path },
+                        Some((key, existing, requested)) => OutputError::CompleteButDifferent {
+                            path,
+                            key,
+                            existing,
+                            requested,
+                        },
+                    },
+                );
             }
             return Err(OutputError::Exists { path });
         }

@@ -436,3 +436,33 @@ pub(crate) fn write_final(
         token_rows: tokens_so_far,
     })
 }
+
+/// The first of `attributes` whose value in the finished output at `path` differs (or is missing
+/// there): `(key, existing, requested)`.
+pub(crate) fn first_differing_attribute(
+    path: &Path,
+    attributes: &[(String, String)],
+) -> Result<Option<(String, String, String)>, OutputError> {
+    let not_output = |source| OutputError::NotAnOutput {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = hdf5::File::with_options()
+        .with_fapl(|p| p.file_locking(false))
+        .open(path)
+        .map_err(not_output)?;
+    for (key, requested) in attributes {
+        let existing = match file.attr(key) {
+            Ok(a) => a
+                .read_scalar::<VarLenUnicode>()
+                .map_err(not_output)?
+                .as_str()
+                .to_string(),
+            Err(_) => "(missing)".to_string(),
+        };
+        if existing != *requested {
+            return Ok(Some((key.clone(), existing, requested.clone())));
+        }
+    }
+    Ok(None)
+}

@@ -198,8 +198,8 @@ fn refuses_existing_output_leftovers_and_unwritable_places() {
 
     let mut resume = config(&path, H, OutputDtype::F32, false);
     resume.resume = true;
-    let err = EmbeddingWriter::open(resume).expect_err("complete");
-    assert!(matches!(err, OutputError::AlreadyComplete { .. }), "{err}");
+    let err = EmbeddingWriter::open(resume).expect_err("not ours");
+    assert!(matches!(err, OutputError::NotAnOutput { .. }), "{err}");
     assert_eq!(read(&path), b"precious");
 
     let other = dir.path().join("other.h5");
@@ -483,4 +483,47 @@ fn malformed_packs_are_refused_with_the_reason() {
         .write_pack(&metas, &mean, Some((&states, &cu)))
         .expect("the good pack still goes in");
     writer.finish(2).expect("finishes");
+}
+
+/// `--resume` on a finished file: "nothing to resume" only when it is this run's output; a file made
+/// with other settings is named as such, with the first attribute that differs.
+#[test]
+fn resume_of_a_complete_output_checks_it_is_the_same_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("done.h5");
+    let mut writer =
+        EmbeddingWriter::open(config(&path, H, OutputDtype::F32, false)).expect("opens");
+    write_packs(&mut writer, &[vec![0, 1], vec![2]], H);
+    writer.finish(3).expect("finishes");
+
+    let mut same = config(&path, H, OutputDtype::F32, false);
+    same.resume = true;
+    let err = EmbeddingWriter::open(same.clone()).expect_err("complete");
+    assert!(matches!(err, OutputError::AlreadyComplete { .. }), "{err}");
+
+    let mut other = same.clone();
+    other.attributes[1].1 = "fp16".into();
+    let err = EmbeddingWriter::open(other).expect_err("another run's file");
+    match &err {
+        OutputError::CompleteButDifferent {
+            key,
+            existing,
+            requested,
+            ..
+        } => {
+            assert_eq!(
+                (key.as_str(), existing.as_str(), requested.as_str()),
+                ("precision", "f32", "fp16")
+            );
+        }
+        e => panic!("expected CompleteButDifferent, got {e}"),
+    }
+    let mut extra = same;
+    extra.attributes.push(("input_shard".into(), "1/4".into()));
+    let err = EmbeddingWriter::open(extra).expect_err("attribute missing from the file");
+    assert!(
+        err.to_string().contains("input_shard = \"(missing)\""),
+        "{err}"
+    );
+    assert!(path.exists(), "the finished file is never touched");
 }
