@@ -15,7 +15,6 @@ pub const DOMAIN: &str = "com.virnuc";
 pub const OP_TYPE: &str = "VarlenAttention";
 pub const VERSION: &str = "1";
 
-/// The domain with the fp32 and fp16 kernels, ready for `SessionBuilder::with_operators`.
 /// Held while a session that registers the `com.virnuc` domain is created.
 ///
 /// ONNX Runtime adds a custom domain to a process-wide schema map during session creation, and two
@@ -29,6 +28,7 @@ pub fn registration_lock() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The domain with the fp32 and fp16 kernels, ready for `SessionBuilder::with_operators`.
 pub fn domain() -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
         .add(VarlenAttentionOp::<f32>::new(TensorElementType::Float32))?
