@@ -51,6 +51,15 @@ pub(crate) fn build_session(
             .with_intra_threads(options.intra_threads)
             .ctx(|| "session options".into())?;
     }
+    // On the CPU provider, ONNX Runtime's idle intra-op threads spin by default, on the same cores
+    // that the VarlenAttention op's rayon threads then need: with spinning off, `embed --ep cpu` ran
+    // 1.05-1.12x faster on the 2-core machine (BENCHMARKS.md, "CPU end to end").
+    // `VIRNUC_ORT_SPIN=1` restores ONNX Runtime's default, for that comparison.
+    if ep_label == "cpu" && std::env::var("VIRNUC_ORT_SPIN").map_or(true, |v| v != "1") {
+        builder = builder
+            .with_intra_op_spinning(false)
+            .ctx(|| "session options".into())?;
+    }
     let domain = custom_op::domain().ctx(|| "cannot build the VarlenAttention op".into())?;
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut note = None;
