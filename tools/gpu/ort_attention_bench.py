@@ -33,7 +33,6 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "varlen_attention"))
@@ -51,17 +50,16 @@ def kernel_us(fn: Callable[[], None], calls: int = 20, label: str = "") -> float
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+    def repeated() -> None:
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
-    total = 0.0
+
+    times = ort_gpu.cuda_kernel_times(repeated)
+    total = sum(us for us, _ in times.values())
     names: dict[str, float] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            us = getattr(ev, "device_time_total", None) or ev.cuda_time_total
-            total += us
-            names[ev.name[:100]] = names.get(ev.name[:100], 0.0) + us / calls
+    for name, (us, _) in times.items():
+        names[name[:100]] = names.get(name[:100], 0.0) + us / calls
     KERNELS_SEEN[label] = [f"{v:.1f} us {k}" for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:6]]
     return total / calls
 

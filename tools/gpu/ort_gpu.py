@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 STAGE = Path(os.environ.get("ORT_STAGE", "/opt/ort-stage"))
 TARGET = Path(os.environ.get("ORT_PY_TARGET", "/tmp/ort-gpu-py"))
@@ -99,3 +100,19 @@ def run_options(ort: Any) -> Any:
     ro = ort.RunOptions()
     ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
     return ro
+
+
+def cuda_kernel_times(fn: Any) -> dict[str, tuple[float, int]]:
+    """Runs `fn` under torch.profiler and returns, per CUDA kernel (memsets and copies included),
+    its summed GPU time in µs and its number of calls. CUPTI sees every kernel in the process,
+    ONNX Runtime's included, whatever stream they ran on."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    times: dict[str, tuple[float, int]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            us = getattr(ev, "device_time_total", None) or ev.cuda_time_total
+            total, calls = times.get(ev.name, (0.0, 0))
+            times[ev.name] = (total + us, calls + 1)
+    return times

@@ -107,19 +107,9 @@ def profile_model(ort, model_dir: Path, packs, opt_level: str, sdpa: str) -> dic
     wall = float(np.median(times))
     finite = all(bool(torch.isfinite(o).all()) for _, o in bindings)
 
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        one_pass()
-        torch.cuda.synchronize()
-    per_kernel: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name] += (
-                ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-            )
-            counts[ev.name] += 1
+    times = ort_gpu.cuda_kernel_times(one_pass)
+    per_kernel = {name: us for name, (us, _) in times.items()}
+    counts = {name: calls for name, (_, calls) in times.items()}
     gpu_us = sum(per_kernel.values())
     fam: dict[str, float] = defaultdict(float)
     for k, v in per_kernel.items():

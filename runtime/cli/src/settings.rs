@@ -193,7 +193,7 @@ pub struct RunConfig {
     pub trt_cache: Option<PathBuf>,
     pub shard_sequences: Option<usize>,
     /// `I/N`, as the flag.
-    pub input_shard: Option<String>,
+    pub input_shard: Option<InputShard>,
     pub skip_hash: Option<bool>,
 }
 
@@ -311,14 +311,6 @@ impl EmbedSettings {
             GPU_TOKS_PER_BATCH
         };
         let chunk = args.data.chunk.or(c.chunk).unwrap_or(500);
-        let input_shard = match (args.input_shard, &c.input_shard) {
-            (Some(shard), _) => Some(shard),
-            (None, Some(text)) => match text.parse() {
-                Ok(shard) => Some(shard),
-                Err(e) => return usage(format!("input_shard in the run config: {e}")),
-            },
-            (None, None) => None,
-        };
         let settings = Self {
             inputs,
             model,
@@ -349,7 +341,7 @@ impl EmbedSettings {
             threads: args.threads.or(c.threads).unwrap_or(0),
             trt_cache: args.trt_cache.clone().or(c.trt_cache.clone()),
             shard_sequences: args.shard_sequences.or(c.shard_sequences).unwrap_or(4096),
-            input_shard,
+            input_shard: args.input_shard.or(c.input_shard),
             skip_hash: args.skip_hash || c.skip_hash.unwrap_or(false),
             quiet: args.quiet,
         };

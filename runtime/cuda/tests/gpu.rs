@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+};
 use half::{bf16, f16};
 use virnuc_cuda::{Attributes, DType, DevicePointers, HEAD_DIMS, Problem, VarlenKernels};
 
@@ -113,6 +115,41 @@ fn gpu() -> Gpu {
     }
 }
 
+/// Stream, kernels, validated problem and the uploaded `cu_seqlens` / `position_ids` of one case.
+type Launch<'a> = (
+    &'a Arc<CudaStream>,
+    &'a VarlenKernels,
+    &'a Problem,
+    &'a CudaSlice<i32>,
+    &'a CudaSlice<i64>,
+);
+
+/// Uploads `qkv`, fills the output with `poison`, launches the kernel and returns the output.
+fn launch<T: DeviceRepr + ValidAsZeroBits + Clone + Unpin>(
+    (s, kernels, problem, d_cu, d_pos): Launch<'_>,
+    qkv: &[T],
+    poison: T,
+    n_out: usize,
+) -> Vec<T> {
+    let d_qkv: CudaSlice<T> = s.clone_htod(qkv).expect("h2d");
+    let mut d_out: CudaSlice<T> = s.clone_htod(&vec![poison; n_out]).expect("h2d");
+    {
+        let (q, _a) = d_qkv.device_ptr(s);
+        let (c, _b) = d_cu.device_ptr(s);
+        let (p, _c) = d_pos.device_ptr(s);
+        let (o, _d) = d_out.device_ptr_mut(s);
+        let ptrs = DevicePointers {
+            qkv: q,
+            cu_seqlens: c,
+            position_ids: p,
+            out: o,
+        };
+        // SAFETY: buffers of the validated shapes on this context's stream.
+        unsafe { kernels.launch(s.cu_stream().cast(), problem, &ptrs) }.expect("launch");
+    }
+    s.clone_dtoh(&d_out).expect("d2h")
+}
+
 /// Runs one case through `VarlenKernels::launch`; returns the output as f64 (NaN-poisoned first).
 #[allow(clippy::too_many_arguments)]
 fn run_case(
@@ -166,61 +203,23 @@ fn run_case(
     let d_cu: CudaSlice<i32> = s.clone_htod(&cu).expect("h2d");
     let d_pos: CudaSlice<i64> = s.clone_htod(&pos).expect("h2d");
     let n_out = total * heads * d;
-    let got: Vec<f64> = if dtype == DType::F32 {
-        let host: Vec<f32> = rounded.iter().map(|&x| x as f32).collect();
-        let d_qkv: CudaSlice<f32> = s.clone_htod(&host).expect("h2d");
-        let mut d_out: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; n_out]).expect("h2d");
-        {
-            let (q, _a) = d_qkv.device_ptr(s);
-            let (c, _b) = d_cu.device_ptr(s);
-            let (p, _c) = d_pos.device_ptr(s);
-            let (o, _d) = d_out.device_ptr_mut(s);
-            let ptrs = DevicePointers {
-                qkv: q,
-                cu_seqlens: c,
-                position_ids: p,
-                out: o,
-            };
-            // SAFETY: buffers of the validated shapes on this context's stream.
-            unsafe { kernels.launch(s.cu_stream().cast(), &problem, &ptrs) }.expect("launch");
+    let buffers = (s, kernels, &problem, &d_cu, &d_pos);
+    let got: Vec<f64> = match dtype {
+        DType::F32 => {
+            let host: Vec<f32> = rounded.iter().map(|&x| x as f32).collect();
+            launch(buffers, &host, f32::NAN, n_out)
+                .into_iter()
+                .map(f64::from)
+                .collect()
         }
-        s.clone_dtoh(&d_out)
-            .expect("d2h")
+        DType::F16 => launch(buffers, &bits, f16::NAN.to_bits(), n_out)
             .into_iter()
-            .map(f64::from)
-            .collect()
-    } else {
-        let d_qkv: CudaSlice<u16> = s.clone_htod(&bits).expect("h2d");
-        let nan = if dtype == DType::F16 {
-            f16::NAN.to_bits()
-        } else {
-            bf16::NAN.to_bits()
-        };
-        let mut d_out: CudaSlice<u16> = s.clone_htod(&vec![nan; n_out]).expect("h2d");
-        {
-            let (q, _a) = d_qkv.device_ptr(s);
-            let (c, _b) = d_cu.device_ptr(s);
-            let (p, _c) = d_pos.device_ptr(s);
-            let (o, _d) = d_out.device_ptr_mut(s);
-            let ptrs = DevicePointers {
-                qkv: q,
-                cu_seqlens: c,
-                position_ids: p,
-                out: o,
-            };
-            // SAFETY: buffers of the validated shapes on this context's stream.
-            unsafe { kernels.launch(s.cu_stream().cast(), &problem, &ptrs) }.expect("launch");
-        }
-        let out = s.clone_dtoh(&d_out).expect("d2h");
-        if dtype == DType::F16 {
-            out.into_iter()
-                .map(|b| f16::from_bits(b).to_f64())
-                .collect()
-        } else {
-            out.into_iter()
-                .map(|b| bf16::from_bits(b).to_f64())
-                .collect()
-        }
+            .map(|b| f16::from_bits(b).to_f64())
+            .collect(),
+        DType::BF16 => launch(buffers, &bits, bf16::NAN.to_bits(), n_out)
+            .into_iter()
+            .map(|b| bf16::from_bits(b).to_f64())
+            .collect(),
     };
     let want = reference(
         &rounded,

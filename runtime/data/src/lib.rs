@@ -102,6 +102,20 @@ impl std::fmt::Display for InputShard {
     }
 }
 
+/// Written and read as its `I/N` text (run reports, YAML run configs).
+impl serde::Serialize for InputShard {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for InputShard {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::str::FromStr for InputShard {
     type Err = String;
     /// `I/N` with 0 ≤ I < N (`0/4` … `3/4`; a Slurm array task passes `$SLURM_ARRAY_TASK_ID/N`).

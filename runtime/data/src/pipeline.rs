@@ -589,7 +589,7 @@ impl Pipeline {
             files: source.files,
             records_read: source.records_read,
             records_empty: source.records_empty - others.empty,
-            input_shard: c.input_shard.map(|s| s.to_string()),
+            input_shard: c.input_shard,
             records_other_shards: others.records,
             duplicate_ids: source.duplicate_ids,
             duplicate_check_capped: source.duplicate_check_capped,

@@ -86,7 +86,7 @@ pub struct RunReport {
     /// `I/N` when the run took one shard of the input; the records of the other shards are read
     /// (to know their positions) and counted here, nothing else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input_shard: Option<String>,
+    pub input_shard: Option<crate::InputShard>,
     #[serde(default)]
     pub records_other_shards: u64,
     /// Records whose id repeats an earlier id (exact up to 64-bit hash collisions); processed anyway,

@@ -364,10 +364,7 @@ fn input_shards_partition_the_records_of_a_run() {
                 report.records_read, full.records_read,
                 "every shard reads everything"
             );
-            assert_eq!(
-                report.input_shard.as_deref(),
-                Some(shard.to_string().as_str())
-            );
+            assert_eq!(report.input_shard, Some(shard));
             empty_total += report.records_empty;
             let seqs = sequences(&packs);
             // Output indices of a shard run are its own, dense from 0.

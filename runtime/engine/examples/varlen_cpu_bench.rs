@@ -8,33 +8,21 @@
 
 use std::time::Instant;
 
+use rand::{RngExt, SeedableRng};
+use rand_xorshift::XorShiftRng;
 use virnuc_engine::varlen::{VarlenParams, varlen_attention};
 
-/// xorshift64*: reproducible without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-fn lengths(mix: &str, budget: usize, rng: &mut Rng) -> Vec<usize> {
+fn lengths(mix: &str, budget: usize, rng: &mut XorShiftRng) -> Vec<usize> {
     let mut out = Vec::new();
     let mut total = 0;
     loop {
         let n = match mix {
-            "chunk500" if rng.unit() < 0.75 => 168,
-            "chunk500" => 20 + (rng.unit() * 149.0) as usize,
+            "chunk500" if rng.random::<f64>() < 0.75 => 168,
+            "chunk500" => 20 + (rng.random::<f64>() * 149.0) as usize,
             _ => {
                 // Box-Muller normal → log-normal(ln 300, 0.7), clipped to 50..=1024.
-                let z = (-2.0 * rng.unit().max(1e-12).ln()).sqrt()
-                    * (2.0 * std::f64::consts::PI * rng.unit()).cos();
+                let z = (-2.0 * rng.random::<f64>().max(1e-12).ln()).sqrt()
+                    * (2.0 * std::f64::consts::PI * rng.random::<f64>()).cos();
                 ((300f64.ln() + 0.7 * z).exp() as usize).clamp(50, 1024)
             }
         };
@@ -51,7 +39,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(7);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = XorShiftRng::seed_from_u64(0x9E37_79B9_7F4A_7C15);
     for (mix, budget) in [("chunk500", 2048), ("broad", 4096)] {
         let lens = lengths(mix, budget, &mut rng);
         let total: usize = lens.iter().sum();
@@ -63,7 +51,7 @@ fn main() {
         }
         for (model, h, d) in [("8M", 20, 16), ("35M", 20, 24), ("650M", 20, 64)] {
             let qkv: Vec<f32> = (0..total * 3 * h * d)
-                .map(|_| (rng.unit() * 2.0 - 1.0) as f32)
+                .map(|_| (rng.random::<f64>() * 2.0 - 1.0) as f32)
                 .collect();
             let mut out = vec![0f32; total * h * d];
             let params = VarlenParams::new(h);

@@ -71,8 +71,7 @@ mod enabled {
             let env = runtime::environment()?;
             let ctx = || format!("CUDA graph session for {onnx}");
             let domain = custom_op::domain().ctx(|| "VarlenAttention op".into())?;
-            let registering = custom_op::registration_lock();
-            let session = Session::builder(env)
+            let builder = Session::builder(env)
                 .ctx(ctx)?
                 .with_no_environment_execution_providers()
                 .ctx(ctx)?
@@ -84,10 +83,8 @@ mod enabled {
                 .with_optimization_level(GraphOptimizationLevel::All)
                 .ctx(ctx)?
                 .with_operators(domain)
-                .ctx(ctx)?
-                .commit_from_file(&files.onnx)
                 .ctx(ctx)?;
-            drop(registering);
+            let session = custom_op::commit_session(builder, &files.onnx).ctx(ctx)?;
             check_session(&meta, &session, &onnx)?;
             let hidden = meta.model.hidden_size as usize;
             let device_memory = MemoryInfo::new(

@@ -15,17 +15,22 @@ pub const DOMAIN: &str = "com.virnuc";
 pub const OP_TYPE: &str = "VarlenAttention";
 pub const VERSION: &str = "1";
 
-/// Held while a session that registers the `com.virnuc` domain is created.
+/// Creates the session of `builder` (which registers the `com.virnuc` domain) from `onnx`.
 ///
 /// ONNX Runtime adds a custom domain to a process-wide schema map during session creation, and two
 /// sessions doing so at the same moment can collide ("Trying to add a domain to DomainToVersion
-/// map, but the domain is already exist"; seen in CI with parallel tests). Creating such sessions
-/// one at a time costs nothing in a run (one or two sessions per process).
-pub fn registration_lock() -> std::sync::MutexGuard<'static, ()> {
+/// map, but the domain is already exist"; seen in CI with parallel tests). Every such session is
+/// therefore created here, one at a time; it costs nothing in a run (one or two sessions a process).
+pub fn commit_session(
+    mut builder: ort::session::builder::SessionBuilder,
+    onnx: &std::path::Path,
+) -> ort::Result<ort::session::Session> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     // A panic while holding the lock leaves nothing half-done here: the map is ORT's.
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    let _registering = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    builder.commit_from_file(onnx)
 }
 
 /// The domain with the fp32 and fp16 kernels, ready for `SessionBuilder::with_operators`.

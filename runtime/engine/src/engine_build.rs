@@ -373,9 +373,7 @@ fn optimize_offline(
     #[cfg(not(feature = "cuda"))]
     let _ = virnuc;
     b = b.with_operators(domain).ctx(where_)?;
-    let registering = custom_op::registration_lock();
-    let session = b.commit_from_file(src).ctx(where_)?;
-    drop(registering);
+    let session = custom_op::commit_session(b, src).ctx(where_)?;
     drop(session);
     if !dst.is_file() {
         return Err(EngineError::Model(format!(

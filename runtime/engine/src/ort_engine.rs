@@ -85,10 +85,7 @@ pub(crate) fn build_session(
     builder = builder
         .with_operators(domain)
         .ctx(|| "cannot register the VarlenAttention op".into())?;
-    let registering = custom_op::registration_lock();
-    let session = builder.commit_from_file(&files.onnx);
-    drop(registering);
-    let session = session.map_err(|e| {
+    let session = custom_op::commit_session(builder, &files.onnx).map_err(|e| {
         let msg = e.message().to_string();
         if ep_label != "cpu" && looks_like_provider_failure(&msg) {
             EngineError::Provider {

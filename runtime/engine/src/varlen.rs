@@ -224,22 +224,17 @@ pub fn varlen_attention<T: Element>(
             return;
         }
         let table = positions.map(|p| RotaryTable::new(&p[start..start + len], &freqs));
+        let sequence = Sequence {
+            rows: &qkv[start * qkv_cols..(start + len) * qkv_cols],
+            len,
+            head_dim: d,
+            rotary: table.as_ref(),
+            scale,
+        };
         // One head at a time per task; results gathered, then scattered into the block.
         let heads: Vec<Vec<f32>> = (0..h)
             .into_par_iter()
-            .map(|head| {
-                attend_one_head(
-                    qkv,
-                    qkv_cols,
-                    hd,
-                    d,
-                    head,
-                    start,
-                    len,
-                    table.as_ref(),
-                    scale,
-                )
-            })
+            .map(|head| attend_one_head(&sequence, head))
             .collect();
         for (head, values) in heads.iter().enumerate() {
             for i in 0..len {
@@ -318,6 +313,24 @@ fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// One sequence of a pack, as the per-head attention reads it.
+struct Sequence<'a, T> {
+    /// The sequence's `len` rows of `qkv`, `3 · num_heads · head_dim` values each.
+    rows: &'a [T],
+    len: usize,
+    head_dim: usize,
+    rotary: Option<&'a RotaryTable>,
+    scale: f32,
+}
+
+// Manual impls: a derive would require `T: Clone` for what is only a borrow of `[T]`.
+impl<T> Clone for Sequence<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Sequence<'_, T> {}
+
 /// softmax(scale · q kᵀ) v for one head of one sequence, in f32; returns `[len, d]`.
 ///
 /// The loops are written to vectorize; on x86-64 CPUs with AVX2 and FMA (checked at run time, as
@@ -325,58 +338,32 @@ fn exp_nonpositive(x: f32) -> f32 {
 /// instructions, 8 lanes instead of SSE2's 4. Both copies do the same operations in the same order
 /// per element (no fused multiply-adds are formed: Rust does not contract `a * b + c`), so they
 /// give identical results.
-#[allow(clippy::too_many_arguments)]
-fn attend_one_head<T: Element>(
-    qkv: &[T],
-    qkv_cols: usize,
-    hd: usize,
-    d: usize,
-    head: usize,
-    start: usize,
-    len: usize,
-    rotary: Option<&RotaryTable>,
-    scale: f32,
-) -> Vec<f32> {
+fn attend_one_head<T: Element>(sequence: &Sequence<'_, T>, head: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, the features `attend_one_head_avx2` is compiled for.
-        return unsafe {
-            attend_one_head_avx2(qkv, qkv_cols, hd, d, head, start, len, rotary, scale)
-        };
+        return unsafe { attend_one_head_avx2(sequence, head) };
     }
-    attend_one_head_body(qkv, qkv_cols, hd, d, head, start, len, rotary, scale)
+    attend_one_head_body(sequence, head)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn attend_one_head_avx2<T: Element>(
-    qkv: &[T],
-    qkv_cols: usize,
-    hd: usize,
-    d: usize,
-    head: usize,
-    start: usize,
-    len: usize,
-    rotary: Option<&RotaryTable>,
-    scale: f32,
-) -> Vec<f32> {
-    attend_one_head_body(qkv, qkv_cols, hd, d, head, start, len, rotary, scale)
+fn attend_one_head_avx2<T: Element>(sequence: &Sequence<'_, T>, head: usize) -> Vec<f32> {
+    attend_one_head_body(sequence, head)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_one_head_body<T: Element>(
-    qkv: &[T],
-    qkv_cols: usize,
-    hd: usize,
-    d: usize,
-    head: usize,
-    start: usize,
-    len: usize,
-    rotary: Option<&RotaryTable>,
-    scale: f32,
-) -> Vec<f32> {
+fn attend_one_head_body<T: Element>(sequence: &Sequence<'_, T>, head: usize) -> Vec<f32> {
+    let Sequence {
+        rows,
+        len,
+        head_dim: d,
+        rotary,
+        scale,
+    } = *sequence;
+    let qkv_cols = rows.len() / len; // len ≥ 1: empty sequences return before the heads
+    let hd = qkv_cols / 3;
     let mut q = vec![0f32; len * d];
     // k transposed to [d, len]: the scores of one query are then axpys over contiguous rows, which
     // vectorize (a dot product per key would be a serial f32 reduction).
@@ -384,7 +371,7 @@ fn attend_one_head_body<T: Element>(
     let mut v = vec![0f32; len * d];
     let mut krow = vec![0f32; d];
     for i in 0..len {
-        let row = &qkv[(start + i) * qkv_cols..(start + i + 1) * qkv_cols];
+        let row = &rows[i * qkv_cols..(i + 1) * qkv_cols];
         for j in 0..d {
             q[i * d + j] = row[head * d + j].to_f32();
             krow[j] = row[hd + head * d + j].to_f32();
@@ -589,23 +576,15 @@ mod tests {
         let q32: Vec<f32> = qkv.iter().map(|&x| x as f32).collect();
         let table = RotaryTable::new(&pos, &inv_freq(d, 10000.0));
         for head in 0..h {
-            let args = (
-                &q32[..],
-                3 * h * d,
-                h * d,
-                d,
-                head,
-                0,
+            let sequence = Sequence {
+                rows: &q32[..],
                 len,
-                Some(&table),
-                0.3f32,
-            );
-            let dispatched = attend_one_head(
-                args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-            );
-            let portable = attend_one_head_body(
-                args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-            );
+                head_dim: d,
+                rotary: Some(&table),
+                scale: 0.3,
+            };
+            let dispatched = attend_one_head(&sequence, head);
+            let portable = attend_one_head_body(&sequence, head);
             let same = dispatched
                 .iter()
                 .zip(&portable)
