@@ -19,6 +19,10 @@ if ! null_device_ok; then
 fi
 empty_null() { null_device_ok || : >/dev/null; }
 
+# Disk first: a fresh set-up needs ~10 GB (README), and a full disk otherwise shows up as some
+# unrelated-looking pip or linker error.
+echo "test.sh: $(df -Ph . | awk 'NR==2 {print $4 " free on " $6}')" >&2
+
 # shellcheck disable=SC1091
 source tools/setup.sh
 
