@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import os
 import platform
 import shlex
@@ -71,6 +72,25 @@ import report  # noqa: E402
 import workloads as wl  # noqa: E402
 
 DEFAULT_STAGE = REPO / ".device-stage" / "bench"
+
+
+def default_binary(staged: Path, built: Path) -> Path:
+    """The newer of the staged copy (`prepare`, for the GPU machine) and the local release build.
+
+    Preferring the staged copy whenever it exists once timed a stale binary here after a rebuild.
+    """
+    present = [b for b in (built, staged) if b.exists()]
+    return max(present, key=lambda b: b.stat().st_mtime) if present else built
+
+
+def binary_identity(binary: Path) -> str:
+    """Path, size and hash prefix: which build a table's virnuc-trt rows came from."""
+    if not binary.exists():
+        return f"{binary} (missing)"
+    digest = hashlib.sha256(binary.read_bytes()).hexdigest()[:12]
+    return f"{binary} ({binary.stat().st_size} bytes, sha256 {digest}…)"
+
+
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 PEER_ORDER = ("virnuc-trt", "hf-eager", "hf-sdpa", "torch-packed")
 
@@ -107,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, help="tokens per workload (GPU 200000, CPU 20000)")
     b.add_argument("--seed", type=int, default=1, help="weights and workload seed (default 1)")
     b.add_argument(
-        "--virnuc-trt", type=Path, help="binary (default: STAGE/bin/virnuc-trt, else target/release)"
+        "--virnuc-trt",
+        type=Path,
+        help="binary (default: the newer of STAGE/bin/virnuc-trt and target/release/virnuc-trt)",
     )
     b.add_argument(
         "--virnuc-budgets",
@@ -296,10 +318,10 @@ class Bench:
         self.runs = expand_runs(args, self.cuda)
         tokens = args.max_tokens or (200_000 if self.cuda else 20_000)
         self.budgets = [int(x) for x in parse_list(args.virnuc_budgets or ("16384" if self.cuda else "2048"))]
-        staged = args.stage / "bin" / "virnuc-trt"
-        self.binary: Path = args.virnuc_trt or (
-            staged if staged.exists() else REPO / "target" / "release" / "virnuc-trt"
+        self.binary: Path = args.virnuc_trt or default_binary(
+            args.stage / "bin" / "virnuc-trt", REPO / "target" / "release" / "virnuc-trt"
         )
+        print(f"[bench] virnuc-trt binary: {self.binary}", file=sys.stderr)
         if any(r.tool == "virnuc-trt" for r in self.runs) and not self.binary.exists():
             raise SystemExit(
                 f"{self.binary}: no virnuc-trt binary (build it, pass --virnuc-trt, or leave it out of "
@@ -320,6 +342,7 @@ class Bench:
                 "date": f"{now:%Y-%m-%d %H:%M} UTC",
                 "command": "python3 tools/bench/run.py " + " ".join(sys.argv[1:]),
                 "software": software(self.cuda, self.binary),
+                "virnuc_trt_binary": binary_identity(self.binary),
                 "seed": args.seed,
                 "ceiling_tflops": self.ceiling,
                 "limits": {},

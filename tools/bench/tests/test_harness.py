@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,19 @@ def test_virnuc_report_load_time_is_engine_open_plus_warmup():
     report_json = {"engine_open_s": 2.5, "warmup_s": 0.75, "wall_s": 9.0, "data": {"records_read": 3}}
     assert load_seconds(report_json) == pytest.approx(3.25)
     assert load_seconds({"wall_s": 9.0}) is None
+
+
+def test_the_default_binary_is_the_newer_build(tmp_path: Path) -> None:
+    staged, built = tmp_path / "stage" / "virnuc-trt", tmp_path / "release" / "virnuc-trt"
+    assert run.default_binary(staged, built) == built  # neither: the path the error names
+    staged.parent.mkdir()
+    staged.write_bytes(b"old")
+    assert run.default_binary(staged, built) == staged
+    built.parent.mkdir()
+    built.write_bytes(b"new")
+    os.utime(staged, (1_000, 1_000))
+    assert run.default_binary(staged, built) == built  # a rebuild after `prepare` wins
+    os.utime(built, (500, 500))
+    assert run.default_binary(staged, built) == staged
+    assert "sha256 " in run.binary_identity(built)
+    assert run.binary_identity(tmp_path / "nope").endswith("(missing)")
