@@ -94,6 +94,11 @@ impl InputShard {
     pub fn takes(self, ordinal: u64) -> bool {
         ordinal % self.count == self.index
     }
+
+    /// 0 ≤ index < count (which also rules out count = 0).
+    pub fn is_valid(self) -> bool {
+        self.index < self.count
+    }
 }
 
 impl std::fmt::Display for InputShard {
@@ -122,12 +127,15 @@ impl std::str::FromStr for InputShard {
     fn from_str(s: &str) -> Result<Self, String> {
         let usage = || format!("input shard {s:?}: expected I/N with 0 <= I < N, e.g. 0/4");
         let (i, n) = s.split_once('/').ok_or_else(usage)?;
-        let index: u64 = i.trim().parse().map_err(|_| usage())?;
-        let count: u64 = n.trim().parse().map_err(|_| usage())?;
-        if count == 0 || index >= count {
-            return Err(usage());
+        let shard = Self {
+            index: i.trim().parse().map_err(|_| usage())?,
+            count: n.trim().parse().map_err(|_| usage())?,
+        };
+        if shard.is_valid() {
+            Ok(shard)
+        } else {
+            Err(usage())
         }
-        Ok(Self { index, count })
     }
 }
 
@@ -219,10 +227,7 @@ impl PipelineConfig {
         if self.max_seqs_per_pack == Some(0) {
             return bad("max_seqs_per_pack must be positive");
         }
-        if self
-            .input_shard
-            .is_some_and(|s| s.count == 0 || s.index >= s.count)
-        {
+        if self.input_shard.is_some_and(|s| !s.is_valid()) {
             return bad("input shard index must be below the shard count");
         }
         Ok(())

@@ -465,28 +465,20 @@ impl<'a> Strided<'a> {
         }
     }
 
-    /// Whether every element of a `rows × cols` matrix lies inside `data`.
+    /// Whether every element of a non-empty `rows × cols` matrix lies inside `data`.
     fn covers(&self, rows: usize, cols: usize) -> bool {
-        rows == 0
-            || cols == 0
-            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+        (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
     }
 }
 
-/// `c = alpha · a · b` with `c` row-major, `n` columns (its previous contents are ignored).
+/// `c = alpha · a · b` with `c` row-major, `n` columns (its previous contents are ignored). The
+/// attention never multiplies empty matrices (a sequence has ≥ 1 token, a head ≥ 1 dimension).
 fn gemm(dims: Dims, alpha: f32, a: Strided<'_>, b: Strided<'_>, c: &mut [f32]) {
     let Dims { m, k, n } = dims;
     assert!(
-        a.covers(m, k) && b.covers(k, n) && c.len() >= m * n,
-        "gemm operands smaller than {m}×{k}·{k}×{n}"
+        m > 0 && k > 0 && n > 0 && a.covers(m, k) && b.covers(k, n) && c.len() >= m * n,
+        "gemm operands empty or smaller than {m}×{k}·{k}×{n}"
     );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        c[..m * n].fill(0.0);
-        return;
-    }
     // Strides fit in isize: each is at most a slice length.
     let (rsa, csa) = (a.row_stride as isize, a.col_stride as isize);
     let (rsb, csb) = (b.row_stride as isize, b.col_stride as isize);
