@@ -181,6 +181,11 @@ pub fn varlen_attention<T: Element>(
         )));
     }
     let d = qkv_cols / (3 * h);
+    if d == 0 {
+        return Err(bad(format!(
+            "qkv has {qkv_cols} columns for {total_tokens} tokens: head_dim would be 0"
+        )));
+    }
     let hd = h * d;
     if total != total_tokens * hd {
         return Err(bad(format!(
@@ -754,6 +759,10 @@ mod tests {
         assert!(varlen_attention(&qkv, &[0, 2, 4], Some(&pos), &p, &mut short).is_err());
         let p3 = VarlenParams::new(3);
         assert!(varlen_attention(&qkv, &[0, 2, 4], Some(&pos), &p3, &mut out).is_err());
+        // Tokens but no columns at all: an error, not a division by zero.
+        let e = varlen_attention::<f32>(&[], &[0, 2, 4], Some(&pos), &p, &mut [])
+            .expect_err("zero-width qkv");
+        assert!(e.to_string().contains("head_dim"), "{e}");
     }
 
     proptest! {
