@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import classifier
 from .export import export
 from .graph import FLAVORS, GraphOptions
 from .weights import open_source
@@ -18,7 +19,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument(
         "--random", metavar="NAME", help="models/NAME.yaml (or a YAML path) with seeded random weights"
     )
-    p.add_argument("--seed", type=int, help="seed for --random")
+    src.add_argument(
+        "--classifier",
+        metavar="FILE",
+        help="VirNucPro classifier (.pth whole-module pickle or state dict, .safetensors) for predict",
+    )
+    src.add_argument(
+        "--random-classifier",
+        action="store_true",
+        help="seeded random classifier for 768 + --esm-dim features (tests, demo)",
+    )
+    p.add_argument("--seed", type=int, help="seed for --random / --random-classifier")
+    p.add_argument(
+        "--esm-dim", type=int, help="ESM-2 width for --random-classifier (320 for t6_8M, 2560 for 3B)"
+    )
+    p.add_argument("--hidden-dim", type=int, default=512, help="hidden width for --random-classifier")
     p.add_argument(
         "--attention", choices=FLAVORS, default="virnuc", help="attention flavor (default: virnuc)"
     )
@@ -43,9 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.random is not None and args.seed is None:
-        print("error: --random needs --seed", file=sys.stderr)
+    if (args.random is not None or args.random_classifier) and args.seed is None:
+        print("error: --random and --random-classifier need --seed", file=sys.stderr)
         return 2
+    if args.classifier is not None or args.random_classifier:
+        return export_classifier(args)
     fused = args.fused if args.fused is not None else args.attention != "masked"
     source = open_source(hf=args.hf, fair_esm=args.fair_esm, random=args.random, seed=args.seed)
     options = GraphOptions(
@@ -59,6 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"wrote {result.onnx_path} ({options.attention}, {options.precision}, fused={fused}) "
         f"and {result.metadata_path} in {result.seconds:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def export_classifier(args: argparse.Namespace) -> int:
+    """`--classifier FILE` / `--random-classifier`: DIR/classifier.safetensors + DIR/classifier.json."""
+    try:
+        if args.random_classifier:
+            if args.esm_dim is None:
+                print("error: --random-classifier needs --esm-dim", file=sys.stderr)
+                return 2
+            model = classifier.random_classifier(args.esm_dim, args.seed, args.hidden_dim)
+        else:
+            model = classifier.load(args.classifier)
+        st, js = classifier.write(model, args.out)
+    except classifier.ClassifierError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {st} and {js} ({model.input_dim} = 768 + {model.esm_dim} features, hidden "
+        f"{model.hidden_dim}, {model.source['kind']})",
         file=sys.stderr,
     )
     return 0
