@@ -468,6 +468,7 @@ fn finish(
         report.tokens_per_s,
         100.0 * busy
     );
+    print_alterations(&report.data);
     let json = serde_json::to_string_pretty(&report).context("run report")?;
     match &s.report {
         Some(path) => write_atomic(path, json.as_bytes())
@@ -479,6 +480,15 @@ fn finish(
             out.flush()?;
             Ok(())
         }
+    }
+}
+
+/// One line on standard error naming everything the run changed in or left out of the input (the
+/// run report has the same counters), so that none of it goes unnoticed.
+pub fn print_alterations(data: &RunReport) {
+    let what = data.alterations();
+    if !what.is_empty() {
+        eprintln!("virnuc-trt: note: input changed: {}", what.join(", "));
     }
 }
 

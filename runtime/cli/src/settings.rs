@@ -49,6 +49,10 @@ pub struct DataArgs {
     /// Reproduce VirNucPro exactly: drop ambiguous codons (shifting the frame) instead of `X`.
     #[arg(long)]
     pub virnucpro_compat: bool,
+    /// Run even when the first letters of a file do not fit --mode (protein records in nucleotide
+    /// mode, DNA in protein mode); without it such a file stops the run with an error.
+    #[arg(long)]
+    pub force_mode: bool,
 }
 
 /// Flags of `virnuc-trt embed`.
@@ -179,6 +183,7 @@ pub struct RunConfig {
     pub max_residues: Option<usize>,
     pub long: Option<LongPolicy>,
     pub virnucpro_compat: Option<bool>,
+    pub force_mode: Option<bool>,
     pub toks_per_batch: Option<usize>,
     pub workers: Option<usize>,
     pub prefetch: Option<usize>,
@@ -249,6 +254,7 @@ pub struct EmbedSettings {
     pub max_residues: usize,
     pub long: LongPolicy,
     pub virnucpro_compat: bool,
+    pub force_mode: bool,
     pub toks_per_batch: usize,
     /// The budget was given (flag or YAML), not defaulted.
     pub toks_per_batch_set: bool,
@@ -324,6 +330,7 @@ impl EmbedSettings {
             max_residues: args.data.max_residues.or(c.max_residues).unwrap_or(1022),
             long: args.data.long.or(c.long).unwrap_or_default(),
             virnucpro_compat: args.data.virnucpro_compat || c.virnucpro_compat.unwrap_or(false),
+            force_mode: args.data.force_mode || c.force_mode.unwrap_or(false),
             toks_per_batch: args
                 .toks_per_batch
                 .or(c.toks_per_batch)
@@ -358,6 +365,7 @@ impl EmbedSettings {
         PipelineConfig {
             inputs: self.inputs.clone(),
             mode: self.mode,
+            force_mode: self.force_mode,
             chunk_len: self.chunk,
             virnucpro_compat: self.virnucpro_compat,
             max_residues: self.max_residues,

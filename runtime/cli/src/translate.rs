@@ -29,6 +29,7 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     let config = PipelineConfig {
         inputs: args.inputs.clone(),
         mode: args.data.mode.unwrap_or_default(),
+        force_mode: args.data.force_mode,
         chunk_len: args.data.chunk.unwrap_or(500),
         virnucpro_compat: args.data.virnucpro_compat,
         max_residues: args.data.max_residues.unwrap_or(1022),
@@ -38,16 +39,17 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     if config.chunk_len < 3 {
         return usage("--chunk must be at least 3 bp");
     }
-    let proteins = virnuc_data::proteins(&config).context("cannot read the input")?;
+    let mut proteins = virnuc_data::proteins(&config).context("cannot read the input")?;
     let mut text = Vec::new();
-    let write = |w: &mut dyn Write| -> Result<u64> {
+    let mut write = |w: &mut dyn Write| -> Result<u64> {
         let mut n = 0;
-        for p in proteins {
+        for p in proteins.by_ref() {
             let p = p.map_err(|e| anyhow!(e))?;
             writeln!(w, ">{}\n{}", p.id, p.residues)?;
             n += 1;
         }
         w.flush()?;
+        crate::embed::print_alterations(&proteins.report(&config));
         Ok(n)
     };
     match &args.out {

@@ -40,7 +40,7 @@ pub mod translate;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use loader::Input;
+pub use loader::{Input, InputProgress};
 pub use pipeline::{Pipeline, ProteinRecord, Proteins, proteins, proteins_from, start};
 pub use report::RunReport;
 pub use tokenize::LongPolicy;
@@ -145,6 +145,8 @@ pub struct PipelineConfig {
     /// FASTA/FASTQ files, plain or compressed; `-` is standard input.
     pub inputs: Vec<PathBuf>,
     pub mode: Mode,
+    /// Skip the check that the first letters of each file fit `mode` ([`loader::ModeCheck`]).
+    pub force_mode: bool,
     /// Nucleotide chunk length (VirNucPro: 300 or 500).
     pub chunk_len: usize,
     /// Drop residues of ambiguous codons as VirNucPro does, instead of translating them to `X`.
@@ -173,6 +175,7 @@ impl std::fmt::Debug for PipelineConfig {
         f.debug_struct("PipelineConfig")
             .field("inputs", &self.inputs)
             .field("mode", &self.mode)
+            .field("force_mode", &self.force_mode)
             .field("chunk_len", &self.chunk_len)
             .field("virnucpro_compat", &self.virnucpro_compat)
             .field("max_residues", &self.max_residues)
@@ -193,6 +196,7 @@ impl Default for PipelineConfig {
         Self {
             inputs: Vec::new(),
             mode: Mode::Nucleotide,
+            force_mode: false,
             chunk_len: 500,
             virnucpro_compat: false,
             max_residues: 1022,
@@ -246,6 +250,9 @@ pub enum DataError {
         id: Option<String>,
         message: String,
     },
+    /// The first letters of a file do not fit the mode (see [`loader::ModeCheck`]).
+    #[error("{file}: {message}")]
+    Mode { file: String, message: String },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("the {0} thread panicked")]

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use virnuc_core::{PackedBatch, SequenceMeta};
 
 use crate::chunk::chunks;
-use crate::loader::{Input, RecordRef, Source, SourceStats};
+use crate::loader::{Input, InputProgress, RecordRef, Source, SourceStats};
 use crate::pack::{PackItem, PackStats, Packer, PackerConfig};
 use crate::report::{RunReport, StageStats};
 use crate::tokenize::{LongPolicy, long_pieces, tokenize};
@@ -116,6 +116,7 @@ impl RecordProcessor {
                     stats.chunks += 1;
                     self.translator
                         .load(&seq[range.start - offset..range.end - offset], c.ambiguity);
+                    let kept_before = stats.frames_kept;
                     for frame in Frame::ALL {
                         stats.frames += 1;
                         let (outcome, ambiguous) = self.translator.frame(frame, c.ambiguity);
@@ -137,6 +138,9 @@ impl RecordProcessor {
                                 emit_pieces(name, piece_name, &translator.protein, c, stats, emit);
                             }
                         }
+                    }
+                    if stats.frames_kept == kept_before {
+                        stats.chunks_without_frame += 1;
                     }
                 }
             }
@@ -221,6 +225,7 @@ pub struct Pipeline {
     workers: Vec<JoinHandle<()>>,
     packer: Option<JoinHandle<PackerOutcome>>,
     config: PipelineConfig,
+    progress: InputProgress,
     exhausted: bool,
 }
 
@@ -251,11 +256,15 @@ pub fn start(config: PipelineConfig) -> Result<Pipeline, DataError> {
     }
     let (pack_tx, pack_rx) = bounded(config.prefetch);
 
-    let inputs = config.inputs.clone();
+    let progress = InputProgress::for_paths(&config.inputs);
+    let mut source = Source::new(config.inputs.clone()).with_progress(progress.clone());
+    if !config.force_mode {
+        source = source.check_mode(config.mode);
+    }
     let stage = StageConfig::from(&config);
     let shard = config.input_shard;
     let reader = spawn("virnuc-reader", move || {
-        reader_loop(inputs, stage, shard, work_tx, ticket_rx)
+        reader_loop(source, stage, shard, work_tx, ticket_rx)
     })?;
     let mut handles = Vec::with_capacity(workers);
     for w in 0..workers {
@@ -281,6 +290,7 @@ pub fn start(config: PipelineConfig) -> Result<Pipeline, DataError> {
         workers: handles,
         packer: Some(packer),
         config,
+        progress,
         exhausted: false,
     })
 }
@@ -312,6 +322,8 @@ struct BatchSender {
     seq_no: u64,
     batch: RecordBatch,
     open: bool,
+    /// Position in `batch` of the first record of the file being read.
+    file_start: usize,
 }
 
 impl BatchSender {
@@ -327,6 +339,20 @@ impl BatchSender {
             let batch = std::mem::take(&mut self.batch);
             self.send(Ok(batch));
         }
+        self.file_start = 0;
+    }
+
+    /// Drops the records of the file being read from the unsent batch (a file refused for its mode).
+    fn drop_current_file(&mut self) {
+        let b = &mut self.batch;
+        let keep = self.file_start;
+        b.ids
+            .truncate(if keep == 0 { 0 } else { b.id_ends[keep - 1] });
+        b.seqs
+            .truncate(if keep == 0 { 0 } else { b.seq_ends[keep - 1] });
+        b.id_ends.truncate(keep);
+        b.seq_ends.truncate(keep);
+        b.parts.truncate(keep);
     }
 
     fn push(&mut self, id: &str, seq: &[u8], part: Option<Part>) {
@@ -376,27 +402,32 @@ struct OtherShards {
 }
 
 fn reader_loop(
-    inputs: Vec<std::path::PathBuf>,
+    mut source: Source,
     stage: StageConfig,
     shard: Option<crate::InputShard>,
     tx: Sender<Work>,
     tickets: Receiver<()>,
 ) -> (SourceStats, OtherShards) {
-    let mut source = Source::new(inputs);
     let mut out = BatchSender {
         tx,
         tickets,
         seq_no: 0,
         batch: RecordBatch::default(),
         open: true,
+        file_start: 0,
     };
     // Position of each record handed over, across all inputs: the same in every shard's run. (A
     // FASTA file ending in a bare header is counted by the loader without being handed over: every
     // shard reports that record as empty.)
     let mut ordinal = 0u64;
     let mut others = OtherShards::default();
+    let mut last_file = None;
     while out.open {
         match source.next_record(|r: RecordRef<'_>| {
+            if last_file != Some(r.file) {
+                last_file = Some(r.file);
+                out.file_start = out.batch.seq_ends.len();
+            }
             let mine = shard.is_none_or(|s| s.takes(ordinal));
             ordinal += 1;
             if !mine {
@@ -412,6 +443,11 @@ fn reader_loop(
                 break;
             }
             Err(e) => {
+                // A file refused for its mode: none of its records still waiting in the batch
+                // is embedded; the records of earlier files are.
+                if matches!(e, DataError::Mode { .. }) && last_file == Some(source.current_file()) {
+                    out.drop_current_file();
+                }
                 out.flush();
                 out.send(Err(e));
                 break;
@@ -553,6 +589,11 @@ impl Iterator for Pipeline {
 }
 
 impl Pipeline {
+    /// Bytes read from the inputs so far and their total size (for a progress bar).
+    pub fn input_progress(&self) -> InputProgress {
+        self.progress.clone()
+    }
+
     /// Stops the threads (early if the packs were not all taken) and returns the run report.
     /// Errors: [`DataError::RunFailed`] (with the report so far) if the run hit an input error,
     /// [`DataError::Panic`] if a thread panicked. A consumer that stops early gets `Ok` with
@@ -594,6 +635,8 @@ impl Pipeline {
             duplicate_ids: source.duplicate_ids,
             duplicate_check_capped: source.duplicate_check_capped,
             non_utf8_ids: source.non_utf8_ids,
+            empty_ids: source.empty_ids,
+            whitespace_removed: source.whitespace_removed,
             stages: packer.stages,
             skipped_resume: packer.skipped_resume,
             utilization: if capacity == 0 {
@@ -665,8 +708,12 @@ pub fn proteins_from(inputs: Vec<Input>, config: &PipelineConfig) -> Result<Prot
             "chunk_len must be at least 3 and max_residues positive".into(),
         ));
     }
+    let mut source = Source::from_inputs(inputs);
+    if !config.force_mode {
+        source = source.check_mode(config.mode);
+    }
     Ok(Proteins {
-        source: Source::from_inputs(inputs),
+        source,
         processor: RecordProcessor::new(StageConfig::from(config)),
         queue: Default::default(),
         next_index: 0,
@@ -679,6 +726,28 @@ impl Proteins {
     /// Reader counters so far (records, files, duplicates).
     pub fn source_stats(&self) -> &SourceStats {
         &self.source.stats
+    }
+
+    /// The reader and stage counters so far as a run report (no packing: `translate` packs nothing).
+    pub fn report(&self, config: &PipelineConfig) -> RunReport {
+        let source = &self.source.stats;
+        RunReport {
+            mode: config.mode.as_str().to_string(),
+            chunk_len: config.chunk_len,
+            virnucpro_compat: config.virnucpro_compat,
+            max_residues: config.max_residues,
+            long_policy: config.long,
+            files: source.files.clone(),
+            records_read: source.records_read,
+            records_empty: source.records_empty,
+            duplicate_ids: source.duplicate_ids,
+            duplicate_check_capped: source.duplicate_check_capped,
+            non_utf8_ids: source.non_utf8_ids,
+            empty_ids: source.empty_ids,
+            whitespace_removed: source.whitespace_removed,
+            stages: self.stats.clone(),
+            ..RunReport::default()
+        }
     }
 }
 

@@ -28,6 +28,9 @@ pub struct StageStats {
     pub frames_dropped_stop: u64,
     /// No residue left (chunk too short, or every codon ambiguous in VirNucPro mode).
     pub frames_dropped_empty: u64,
+    /// Nucleotide mode: chunks none of whose six frames was kept (they add no sequence).
+    #[serde(default)]
+    pub chunks_without_frame: u64,
     /// Codons with a base other than ACGT (translated to `X`, or dropped in VirNucPro mode).
     pub ambiguous_codons: u64,
     /// Protein mode: a trailing `*` removed from a protein record.
@@ -56,6 +59,7 @@ impl StageStats {
         self.frames_kept += o.frames_kept;
         self.frames_dropped_stop += o.frames_dropped_stop;
         self.frames_dropped_empty += o.frames_dropped_empty;
+        self.chunks_without_frame += o.chunks_without_frame;
         self.ambiguous_codons += o.ambiguous_codons;
         self.terminal_stops_stripped += o.terminal_stops_stripped;
         self.proteins += o.proteins;
@@ -97,6 +101,12 @@ pub struct RunReport {
     pub duplicate_check_capped: bool,
     /// Record ids that were not valid UTF-8 (replacement characters substituted).
     pub non_utf8_ids: u64,
+    /// Records whose header has no id (output names start with `_chunk_` or are empty).
+    #[serde(default)]
+    pub empty_ids: u64,
+    /// Spaces, tabs and carriage returns removed from inside FASTA sequence lines (as Biopython does).
+    #[serde(default)]
+    pub whitespace_removed: u64,
     pub stages: StageStats,
     /// Sequences left out because the resume predicate said they were done.
     pub skipped_resume: u64,
@@ -113,6 +123,81 @@ pub struct RunReport {
 pub const DUPLICATE_CHECK_CAP: usize = 1 << 20;
 
 impl RunReport {
+    /// What the run changed or left out of the input, one phrase a non-zero counter (empty when the
+    /// input went through untouched), for the one-line summary on standard error.
+    pub fn alterations(&self) -> Vec<String> {
+        let s = &self.stages;
+        let plural =
+            |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let mut out = Vec::new();
+        let mut add = |n: u64, text: String| {
+            if n > 0 {
+                out.push(text);
+            }
+        };
+        add(
+            self.duplicate_ids,
+            plural(self.duplicate_ids, "duplicate id", "duplicate ids"),
+        );
+        add(
+            self.non_utf8_ids,
+            format!(
+                "{} with non-UTF-8 bytes replaced",
+                plural(self.non_utf8_ids, "id", "ids")
+            ),
+        );
+        add(
+            self.empty_ids,
+            plural(self.empty_ids, "empty id", "empty ids"),
+        );
+        add(
+            self.records_empty,
+            format!(
+                "{} without sequence skipped",
+                plural(self.records_empty, "record", "records")
+            ),
+        );
+        add(
+            self.whitespace_removed,
+            format!(
+                "{} removed from sequence lines",
+                plural(self.whitespace_removed, "space/tab", "spaces/tabs")
+            ),
+        );
+        add(
+            s.long_truncated,
+            format!(
+                "{} truncated to {} residues ({} residues cut)",
+                plural(s.long_truncated, "sequence", "sequences"),
+                self.max_residues,
+                s.residues_truncated
+            ),
+        );
+        add(
+            s.long_skipped,
+            format!(
+                "{} longer than {} residues skipped",
+                plural(s.long_skipped, "sequence", "sequences"),
+                self.max_residues
+            ),
+        );
+        add(
+            s.chunks_without_frame,
+            format!(
+                "{} with no stop-free frame (nothing embedded for them)",
+                plural(s.chunks_without_frame, "chunk", "chunks")
+            ),
+        );
+        add(
+            s.unknown_residues,
+            format!(
+                "{} embedded as <unk>",
+                plural(s.unknown_residues, "unknown residue", "unknown residues")
+            ),
+        );
+        out
+    }
+
     /// Checks that every record, chunk, frame and sequence is accounted for; returns the first
     /// imbalance found. Valid for complete runs (a run cut short has sequences still in flight).
     pub fn check_accounting(&self) -> Result<(), String> {

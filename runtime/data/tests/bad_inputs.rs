@@ -67,7 +67,10 @@ fn binary_garbage_names_file_and_record() {
         "garbage.bin",
         &[0x00, 0x9f, 0x13, 0x37, 0xff, 0x10],
     );
-    let (packs, msg, report) = run_err(config(vec![fixture("globins45.fa"), f]));
+    let (packs, msg, report) = run_err(PipelineConfig {
+        mode: virnuc_data::Mode::Protein,
+        ..config(vec![fixture("globins45.fa"), f])
+    });
     // The first file's packs come through before the error.
     assert!(packs > 0);
     assert!(
@@ -225,4 +228,254 @@ fn gzip_written_in_two_members_is_read_whole() {
     let f = write(dir.path(), "mm.fa.gz", &out);
     let (_, report) = run(config(vec![f]));
     assert_eq!(report.records_read, 2);
+}
+
+// Regression tests, named after the defect they pin down.
+
+fn bz2(data: &[u8]) -> Vec<u8> {
+    let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn regression_multistream_bz2_reads_every_stream() {
+    // pbzip2/lbzip2 output and `cat a.bz2 b.bz2` are several bzip2 streams in one file.
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = bz2(b">a\nATGGCCAAA\n>b\nATGGCCAAA\n");
+    out.extend(bz2(b">c\nATGGCCAAA\n"));
+    out.extend(bz2(b">d\nATGGCCAAA\n>e\nATGGCCAAA\n"));
+    let f = write(dir.path(), "ms.fa.bz2", &out);
+    let (packs, report) = run(config(vec![f]));
+    assert_eq!(report.records_read, 5);
+    let ids: Vec<String> = sequences(&packs).into_iter().map(|s| s.1).collect();
+    for rec in ["a", "b", "c", "d", "e"] {
+        assert!(
+            ids.iter().any(|i| i.starts_with(&format!("{rec}_chunk_1"))),
+            "{rec} missing from {ids:?}"
+        );
+    }
+}
+
+#[test]
+fn regression_compressed_file_cut_in_its_first_bytes_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read(fixture("lambda_virus.fa")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&text).unwrap();
+    let gz = gz.finish().unwrap();
+    let zst = zstd::encode_all(&text[..], 1).unwrap();
+    let bz = bz2(&text);
+    for (name, bytes) in [
+        ("cut.fa.gz", &gz[..12]),
+        ("cut.fa.zst", &zst[..6]),
+        ("cut.fa.bz2", &bz[..12]),
+    ] {
+        let f = write(dir.path(), name, bytes);
+        let (packs, msg, report) = run_err(config(vec![f]));
+        assert!(msg.contains(name), "{msg}");
+        assert_eq!(packs, 0);
+        assert!(!report.files.first().is_some_and(|f| f.empty), "{name}");
+    }
+}
+
+#[test]
+fn regression_compressed_file_of_nothing_is_empty() {
+    // The other side of the line: a compressed file that really decodes to nothing is empty.
+    let dir = tempfile::tempdir().unwrap();
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast())
+        .finish()
+        .unwrap();
+    let f = write(dir.path(), "nothing.fa.gz", &gz);
+    let g = write(dir.path(), "nothing.fa.bz2", &bz2(b""));
+    let (_, report) = run(config(vec![f, g, fixture("lambda_virus.fa")]));
+    assert!(report.files[0].empty && report.files[1].empty);
+    assert_eq!(report.records_read, 1);
+}
+
+#[test]
+fn regression_directory_as_input_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "inside.fa", b">a\nATGGCCAAA\n");
+    let (packs, msg, _) = run_err(config(vec![dir.path().to_path_buf()]));
+    assert_eq!(packs, 0);
+    assert!(
+        msg.contains(&dir.path().display().to_string()) && msg.contains("directory"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn regression_whitespace_inside_sequence_lines_is_stripped() {
+    let dir = tempfile::tempdir().unwrap();
+    let protein = |text: &[u8], name: &str| {
+        let f = write(dir.path(), name, text);
+        run(PipelineConfig {
+            mode: virnuc_data::Mode::Protein,
+            ..config(vec![f])
+        })
+    };
+    let (spaced, report) = protein(b">p\nMKT AY\tQR \nIS F\n", "spaced.fa");
+    let (plain, plain_report) = protein(b">p\nMKTAYQR\nISF\n", "plain.fa");
+    assert_eq!(sequences(&spaced), sequences(&plain));
+    assert_eq!(report.whitespace_removed, 4);
+    assert_eq!(plain_report.whitespace_removed, 0);
+    assert_eq!(report.stages.unknown_residues, 0);
+    // Nucleotide mode: a space must not shift the frame.
+    let seq = lambda_seq();
+    let mut spaced = b">x\n".to_vec();
+    for (i, line) in seq[..3000].chunks(60).enumerate() {
+        spaced.extend_from_slice(&line[..7]);
+        spaced.extend_from_slice(if i % 2 == 0 { b" " } else { b"\t" });
+        spaced.extend_from_slice(&line[7..]);
+        spaced.push(b'\n');
+    }
+    let mut plain = b">x\n".to_vec();
+    plain.extend_from_slice(&seq[..3000]);
+    plain.push(b'\n');
+    let a = write(dir.path(), "spaced_dna.fa", &spaced);
+    let b = write(dir.path(), "plain_dna.fa", &plain);
+    let (pa, ra) = run(config(vec![a]));
+    let (pb, rb) = run(config(vec![b]));
+    assert_eq!(sequences(&pa), sequences(&pb));
+    assert_eq!(ra.stages, rb.stages);
+    assert_eq!(ra.whitespace_removed, 50);
+    assert!(
+        ra.alterations()
+            .iter()
+            .any(|a| a == "50 spaces/tabs removed from sequence lines")
+    );
+}
+
+#[test]
+fn regression_protein_fasta_in_nucleotide_mode_is_refused() {
+    let (packs, msg, _) = run_err(config(vec![fixture("globins45.fa")]));
+    assert_eq!(packs, 0);
+    assert!(
+        msg.contains("globins45.fa") && msg.contains("--mode protein"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn regression_dna_in_protein_mode_is_refused() {
+    let (packs, msg, _) = run_err(PipelineConfig {
+        mode: virnuc_data::Mode::Protein,
+        ..config(vec![fixture("lambda_virus.fa")])
+    });
+    assert_eq!(packs, 0);
+    assert!(
+        msg.contains("lambda_virus.fa") && msg.contains("--mode nucleotide"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn regression_truncated_fastq_record_is_a_sentence_not_an_enum_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "cut.fq",
+        b"@a\nACGTACGT\n+\nIIIIIIII\n@b\nACGT\n",
+    );
+    let (_, msg, _) = run_err(config(vec![f]));
+    assert!(!msg.contains("UnexpectedEnd"), "{msg}");
+    assert!(
+        msg.contains("cut.fq") && msg.contains("record 2") && msg.contains("'b'"),
+        "{msg}"
+    );
+    assert!(msg.contains("ends in the middle of"), "{msg}");
+}
+
+#[test]
+fn regression_mode_check_passes_real_dna_and_can_be_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = lambda_seq();
+    let fasta = |s: &[u8]| [b">x\n".as_slice(), s, b"\n"].concat();
+    // Lowercase (soft-masked), RNA, long N runs, IUPAC ambiguity codes: all still nucleotide.
+    let lower = seq[..5000].to_ascii_lowercase();
+    let rna: Vec<u8> = seq[..5000]
+        .iter()
+        .map(|&b| if b == b'T' { b'U' } else { b })
+        .collect();
+    let mut n_runs = seq[..5000].to_vec();
+    n_runs[500..2500].fill(b'N');
+    let iupac: Vec<u8> = seq[..5000]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| if i % 7 == 0 { b"RYSWKMBDHV"[i % 10] } else { b })
+        .collect();
+    for (name, s) in [
+        ("lower.fa", lower),
+        ("rna.fa", rna),
+        ("n.fa", n_runs),
+        ("iupac.fa", iupac),
+    ] {
+        let f = write(dir.path(), name, &fasta(&s));
+        let (packs, report) = run(config(vec![f]));
+        assert!(!packs.is_empty(), "{name}");
+        assert_eq!(report.records_read, 1, "{name}");
+    }
+    // --force-mode: the protein file goes through in nucleotide mode (as all-X translations).
+    let (_, report) = run(PipelineConfig {
+        force_mode: true,
+        ..config(vec![fixture("globins45.fa")])
+    });
+    assert_eq!(report.records_read, 45);
+    let (_, report) = run(PipelineConfig {
+        force_mode: true,
+        mode: virnuc_data::Mode::Protein,
+        ..config(vec![fixture("lambda_virus.fa")])
+    });
+    assert_eq!(report.stages.records_processed, 1);
+}
+
+#[test]
+fn regression_mode_check_looks_at_every_file() {
+    // A DNA file first, then proteins: the second file is refused by name.
+    let (packs, msg, _) = run_err(config(vec![
+        fixture("lambda_virus.fa"),
+        fixture("globins45.fa"),
+    ]));
+    assert!(packs > 0);
+    assert!(
+        msg.contains("globins45.fa") && msg.contains("--mode protein"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn regression_data_altering_events_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "alt.fa",
+        // Every frame of TTAGCTAGTTAAT has a stop: LAS*, *LVN, S*L, IN*L, LTS*, *LA.
+        b">a\nATGGCCAAA\n>a\nATG GCC\n>\nATGGCC\n>e\n>s\nTTAGCTAGTTAAT\n",
+    );
+    let (_, report) = run(config(vec![f]));
+    let got = report.alterations();
+    assert_eq!(
+        got,
+        [
+            "1 duplicate id",
+            "1 empty id",
+            "1 record without sequence skipped",
+            "1 space/tab removed from sequence lines",
+            "1 chunk with no stop-free frame (nothing embedded for them)",
+        ],
+        "{report:?}"
+    );
+    // 62 of lambda's 98 chunks of 500 bp have a stop in all six frames (counted independently
+    // with VirNucPro's split_fasta_chunk and the standard code in Python).
+    let (_, lambda) = run(config(vec![fixture("lambda_virus.fa")]));
+    assert_eq!(
+        lambda.alterations(),
+        ["62 chunks with no stop-free frame (nothing embedded for them)"]
+    );
+    let (_, clean) = run(PipelineConfig {
+        mode: virnuc_data::Mode::Protein,
+        ..config(vec![fixture("globins45.fa")])
+    });
+    assert!(clean.alterations().is_empty(), "{:?}", clean.alterations());
 }
