@@ -13,7 +13,7 @@ import pytest
 from export_helpers import TINY, Model, pack, random_protein, run, session
 from virnuc_export.__main__ import main as export_main
 from virnuc_export.config import ALPHABET, CONFIG_FIELDS, repo_root, tokenize
-from virnuc_export.export import export
+from virnuc_export.export import METADATA_PROPS_KEY, export
 from virnuc_export.graph import GraphOptions
 from virnuc_export.reference import main as reference_main
 from virnuc_export.weights import RandomWeights, canonical_names
@@ -42,6 +42,8 @@ def test_metadata_matches_rust_struct_and_graph(tiny: Model):
     for spec in meta["inputs"] + meta["outputs"]:
         assert list(spec) == rust_struct_fields("TensorSpec")
     assert meta["format"] == "virnuc-trt-onnx/1"
+    assert meta["family"] == meta["model"]["family"] == "esm2"
+    assert meta["tokenizer"] == {"kind": "esm2_alphabet"} and meta["pooling"] == "mean_residues"
     assert meta["alphabet"] == ALPHABET and len(ALPHABET) == 33 and ALPHABET[32] == "<mask>"
     assert (meta["attention"], meta["fused"], meta["precision"]) == ("virnuc", True, "fp32")
     assert meta["repr_layer"] == tiny.source.config["num_layers"]
@@ -49,6 +51,10 @@ def test_metadata_matches_rust_struct_and_graph(tiny: Model):
     assert meta["random_weights"] is True
     assert meta["onnx_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     model = onnx.load(path)
+    # The graph carries model.json itself (less its own hash), so that edits of model.json are detected.
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props[METADATA_PROPS_KEY]) == {k: v for k, v in meta.items() if k != "onnx_sha256"}
+    assert list(json.loads(props[METADATA_PROPS_KEY])) == list(meta)[:-1]
     graph_io = [
         [{"name": v.name, "dtype": ONNX_DTYPES[v.type.tensor_type.elem_type],
           "shape": [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]} for v in vs]

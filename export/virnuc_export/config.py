@@ -17,9 +17,14 @@ ALPHABET: list[str] = [
 ]  # fmt: skip
 CLS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 32
 
-# The fields of the Rust `ModelConfig` (deny_unknown_fields): exactly these keys, in this order.
-CONFIG_FIELDS: tuple[str, ...] = (
+# Model families. The family decides the graph, the tokenizer and the pooling rule.
+FAMILIES: tuple[str, ...] = ("esm2", "dnabert_s")
+
+# The fields of the Rust `ModelConfig` (deny_unknown_fields), in this order; each family has exactly its
+# own subset (the ESM-2 ones are optional in Rust).
+_COMMON_FIELDS: tuple[str, ...] = (
     "name",
+    "family",
     "checkpoint",
     "hf_repo",
     "num_layers",
@@ -27,12 +32,19 @@ CONFIG_FIELDS: tuple[str, ...] = (
     "num_heads",
     "ffn_size",
     "vocab_size",
+)
+CONFIG_FIELDS: tuple[str, ...] = (
+    *_COMMON_FIELDS,
     "max_positions",
     "max_residues",
     "layer_norm_eps",
     "rotary_base",
     "token_dropout_scale",
 )
+FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
+    "esm2": CONFIG_FIELDS,
+    "dnabert_s": (*_COMMON_FIELDS, "layer_norm_eps"),
+}
 _INT_FIELDS = {
     "num_layers",
     "hidden_size",
@@ -57,23 +69,49 @@ def models_dir() -> Path:
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Checks the fields and types of a model config; returns it normalised (field order, int/float)."""
-    missing = [f for f in CONFIG_FIELDS if f not in config]
-    extra = [k for k in config if k not in CONFIG_FIELDS]
+    """Checks the fields and types of a model config; returns it normalised (field order, int/float).
+
+    `family` may be left out (older configs): it is then `esm2`."""
+    config = {"family": "esm2", **config}
+    family = config["family"]
+    if family not in FAMILIES:
+        raise ValueError(f"model config: family {family!r} is not one of {', '.join(FAMILIES)}")
+    fields = FAMILY_FIELDS[family]
+    missing = [f for f in fields if f not in config]
+    extra = [k for k in config if k not in fields]
     if missing or extra:
-        raise ValueError(f"model config: missing fields {missing}, unknown fields {extra}")
+        raise ValueError(f"model config ({family}): missing fields {missing}, unknown fields {extra}")
     out: dict[str, Any] = {}
-    for f in CONFIG_FIELDS:
+    for f in fields:
         v = config[f]
         out[f] = int(v) if f in _INT_FIELDS else float(v) if f in _FLOAT_FIELDS else str(v)
-    if out["num_heads"] <= 0 or out["hidden_size"] % out["num_heads"] != 0:
+    for f in ("num_layers", "hidden_size", "num_heads", "ffn_size", "vocab_size"):
+        if out[f] <= 0:
+            raise ValueError(f"model config: {f} must be positive, not {out[f]}")
+    if out["hidden_size"] % out["num_heads"] != 0:
         raise ValueError(
             f"hidden_size {out['hidden_size']} is not a multiple of num_heads {out['num_heads']}"
         )
-    if (out["hidden_size"] // out["num_heads"]) % 2 != 0:
-        raise ValueError("head_dim must be even for rotary embeddings")
-    if out["vocab_size"] != len(ALPHABET):
-        raise ValueError(f"vocab_size {out['vocab_size']} != ESM-2 alphabet size {len(ALPHABET)}")
+    if not 0.0 < out["layer_norm_eps"] < 1.0:
+        raise ValueError(f"layer_norm_eps {out['layer_norm_eps']} outside (0, 1)")
+    if family == "esm2":
+        if (out["hidden_size"] // out["num_heads"]) % 2 != 0:
+            raise ValueError("head_dim must be even for rotary embeddings")
+        if out["vocab_size"] != len(ALPHABET):
+            raise ValueError(f"vocab_size {out['vocab_size']} != ESM-2 alphabet size {len(ALPHABET)}")
+    elif out["vocab_size"] < 9:
+        raise ValueError(f"vocab_size {out['vocab_size']}: DNABERT-S needs 5 special tokens + A C G T")
+    return out
+
+
+def family_configs(family: str) -> list[dict[str, Any]]:
+    """The models/*.yaml entries of one family, sorted by file name."""
+    out = []
+    for path in sorted(models_dir().glob("*.yaml")):
+        with path.open() as f:
+            c = validate_config(yaml.safe_load(f))
+        if c["family"] == family:
+            out.append(c)
     return out
 
 
@@ -98,10 +136,8 @@ def config_for_architecture(
     layer_norm_eps: float,
     token_dropout: bool,
 ) -> dict[str, Any]:
-    """The models/*.yaml entry with this architecture, or a custom config named after it."""
-    for path in sorted(models_dir().glob("*.yaml")):
-        with path.open() as f:
-            c = validate_config(yaml.safe_load(f))
+    """The models/*.yaml ESM-2 entry with this architecture, or a custom config named after it."""
+    for c in family_configs("esm2"):
         if (c["num_layers"], c["hidden_size"], c["num_heads"], c["ffn_size"]) == (
             num_layers,
             hidden_size,
@@ -114,6 +150,7 @@ def config_for_architecture(
     return validate_config(
         {
             "name": f"esm2_custom_t{num_layers}_h{hidden_size}",
+            "family": "esm2",
             "checkpoint": "",
             "hf_repo": "",
             "num_layers": num_layers,

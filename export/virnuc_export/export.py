@@ -17,8 +17,13 @@ from .graph import EsmGraph, GraphOptions, InitializerStore
 from .weights import WeightSource, canonical_names, canonical_shape
 
 FORMAT = "virnuc-trt-onnx/1"
+# Key of the ONNX model's own `metadata_props` entry that carries model.json (less `onnx_sha256`), so that
+# a runtime can check that model.json describes this very graph.
+METADATA_PROPS_KEY = "virnuc.metadata"
+POOLING = {"esm2": "mean_residues", "dnabert_s": "mean_all_tokens"}
 # Protobuf cannot hold more than 2 GiB; above this many weight bytes the tensors go to model.onnx.data.
 EXTERNAL_THRESHOLD = 1 << 30
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass
@@ -53,6 +58,25 @@ def tensor_specs(options: GraphOptions, hidden: int) -> tuple[list[dict[str, Any
     return inputs, outputs
 
 
+def metadata_props_text(metadata: dict[str, Any]) -> str:
+    """The `virnuc.metadata` value: model.json's fields except `onnx_sha256`, as compact JSON in
+    model.json's key order."""
+    return json.dumps({k: v for k, v in metadata.items() if k != "onnx_sha256"}, separators=(",", ":"))
+
+
+def tokenizer_metadata(source: WeightSource, out: Path) -> dict[str, Any]:
+    """ESM-2: the fixed alphabet. DNABERT-S: the source's tokenizer.json, copied byte for byte beside the
+    graph (file name relative to the export folder) with its sha256."""
+    if source.config["family"] == "esm2":
+        return {"kind": "esm2_alphabet"}
+    tokenizer = source.tokenizer_file()
+    if tokenizer is None:
+        raise ValueError(f"{source.path or source.kind}: no tokenizer.json for a DNABERT-S export")
+    data = Path(tokenizer).read_bytes()
+    (out / TOKENIZER_FILE).write_bytes(data)
+    return {"kind": "hf_tokenizers", "file": TOKENIZER_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def export(
     source: WeightSource, options: GraphOptions, out_dir: str | Path, external_data: str = "auto"
 ) -> ExportResult:
@@ -74,15 +98,14 @@ def export(
         model = EsmGraph(source, options, store).build()
     finally:
         store.close()
-    onnx.save_model(model, str(onnx_path))
-    del model
-    onnx.checker.check_model(str(onnx_path))
-    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     inputs, outputs = tensor_specs(options, source.config["hidden_size"])
     metadata: dict[str, Any] = {
         "format": FORMAT,
+        "family": source.config["family"],
         "model": dict(source.config),
-        "alphabet": list(ALPHABET),
+        "tokenizer": tokenizer_metadata(source, out),
+        "alphabet": list(ALPHABET) if source.config["family"] == "esm2" else [],
+        "pooling": POOLING[source.config["family"]],
         "attention": options.attention,
         "fused": bool(options.fused),
         "precision": options.precision,
@@ -97,8 +120,12 @@ def export(
         },
         "random_weights": source.kind == "random",
         "exporter_version": __version__,
-        "onnx_sha256": digest,
     }
+    onnx.helper.set_model_props(model, {METADATA_PROPS_KEY: metadata_props_text(metadata)})
+    onnx.save_model(model, str(onnx_path))
+    del model
+    onnx.checker.check_model(str(onnx_path))
+    metadata["onnx_sha256"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     metadata_path = out / "model.json"
     metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
     return ExportResult(

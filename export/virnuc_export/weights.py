@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import config_for_architecture, load_model_config, models_dir
+from .config import config_for_architecture, family_configs, load_model_config
 
 _LAYER_PARAMS: tuple[tuple[str, str], ...] = (
     # (canonical suffix under encoder.layer.{i}., kind) — kind picks the random init.
@@ -89,6 +89,10 @@ class WeightSource:
         raise NotImplementedError
 
     def checkpoint_sha256(self) -> str | None:
+        return None
+
+    def tokenizer_file(self) -> Path | None:
+        """The tokenizer.json that goes with the weights (DNABERT-S); None for ESM-2's fixed alphabet."""
         return None
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -318,8 +322,7 @@ def _load_torch_checkpoint(path: Path) -> Any:
 
 def _known_heads(num_layers: int, hidden: int) -> int | None:
     """Heads of the models/*.yaml entry with this depth and width (ESM-2 sizes are unambiguous)."""
-    for path in sorted(models_dir().glob("*.yaml")):
-        c = load_model_config(str(path))
+    for c in family_configs("esm2"):
         if (c["num_layers"], c["hidden_size"]) == (num_layers, hidden):
             return int(c["num_heads"])
     return None

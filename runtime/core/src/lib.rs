@@ -101,11 +101,48 @@ impl PackedBatch {
     }
 }
 
+/// A model family: it decides the graph, the tokenizer and the pooling rule (`family` in
+/// `models/*.yaml` and `model.json`; absent means ESM-2, as in files written before DNABERT-S).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFamily {
+    /// ESM-2 protein language models (fair-esm / HF `EsmModel`).
+    #[default]
+    Esm2,
+    /// DNABERT-S / DNABERT-2 (MosaicBERT: ALiBi, post-LN, GeGLU, BPE tokenizer).
+    DnabertS,
+}
+
+/// How the graph's `mean` output pools the token states of a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over residues: tokens 1 .. len-2 (`<cls>`/`<eos>` left out), ESM-2's rule.
+    #[default]
+    MeanResidues,
+    /// Mean over every token, `[CLS]`/`[SEP]` included (VirNucPro's rule for DNABERT-S).
+    MeanAllTokens,
+}
+
+/// The tokenizer a model was exported with (`tokenizer` in `model.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenizerSpec {
+    /// The fixed ESM-2 alphabet (`alphabet` in `model.json`).
+    #[default]
+    Esm2Alphabet,
+    /// A Hugging Face `tokenizers` file beside the graph (path relative to the export folder) with
+    /// its sha256.
+    HfTokenizers { file: String, sha256: String },
+}
+
 /// An ESM-2 architecture, as in `models/*.yaml` (shared with the Python exporter).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub name: String,
+    #[serde(default)]
+    pub family: ModelFamily,
     pub checkpoint: String,
     pub hf_repo: String,
     pub num_layers: u32,
@@ -160,8 +197,16 @@ impl ModelConfig {
 pub struct ModelMetadata {
     /// `virnuc-trt-onnx/1`.
     pub format: String,
+    /// Also in `model.family`; absent in exports written before DNABERT-S (then ESM-2).
+    #[serde(default)]
+    pub family: ModelFamily,
     pub model: ModelConfig,
+    #[serde(default)]
+    pub tokenizer: TokenizerSpec,
+    /// The ESM-2 alphabet (id = index); empty for other families.
     pub alphabet: Vec<String>,
+    #[serde(default)]
+    pub pooling: Pooling,
     /// `virnuc`, `ort` or `masked`.
     pub attention: String,
     /// ONNX Runtime fused operators (`SkipLayerNormalization`, `BiasGelu`) in the graph.
@@ -180,6 +225,10 @@ pub struct ModelMetadata {
     /// sha256 of the `.onnx` file (external data not included).
     pub onnx_sha256: String,
 }
+
+/// Key of the ONNX model's `metadata_props` entry in which the exporter stores this metadata (every
+/// field but `onnx_sha256`, as JSON).
+pub const ONNX_METADATA_KEY: &str = "virnuc.metadata";
 
 impl ModelMetadata {
     pub fn from_json_file(path: &Path) -> Result<Self, CoreError> {
@@ -242,6 +291,43 @@ mod tests {
         let gflop = config.flops_per_token() / 1e9;
         assert!((5.5..5.9).contains(&gflop), "{gflop}");
         assert_eq!(config.head_dim(), 64);
+    }
+
+    #[test]
+    fn metadata_family_tokenizer_and_pooling_parse_and_default_to_esm2() {
+        let json = |extra: &str| {
+            format!(
+                r#"{{"format": "virnuc-trt-onnx/1", {extra} "model": {{"name": "m", "checkpoint": "",
+                "hf_repo": "", "num_layers": 1, "hidden_size": 8, "num_heads": 2, "ffn_size": 32,
+                "vocab_size": 33, "max_positions": 1026, "max_residues": 1022, "layer_norm_eps": 1e-5,
+                "rotary_base": 10000.0, "token_dropout_scale": 0.88}}, "alphabet": [],
+                "attention": "masked", "fused": false, "precision": "fp32", "repr_layer": 1,
+                "inputs": [], "outputs": [], "source": {{"kind": "random", "path": null,
+                "sha256": null, "seed": 0}}, "random_weights": true, "exporter_version": "0",
+                "onnx_sha256": ""}}"#
+            )
+        };
+        // Written before the families existed: ESM-2 defaults.
+        let old: ModelMetadata = serde_json::from_str(&json("")).expect("old metadata");
+        assert_eq!(old.family, ModelFamily::Esm2);
+        assert_eq!(old.model.family, ModelFamily::Esm2);
+        assert_eq!(old.tokenizer, TokenizerSpec::Esm2Alphabet);
+        assert_eq!(old.pooling, Pooling::MeanResidues);
+        let new: ModelMetadata = serde_json::from_str(&json(
+            r#""family": "dnabert_s", "pooling": "mean_all_tokens",
+            "tokenizer": {"kind": "hf_tokenizers", "file": "tokenizer.json", "sha256": "ab"},"#,
+        ))
+        .expect("new metadata");
+        assert_eq!(new.family, ModelFamily::DnabertS);
+        assert_eq!(new.pooling, Pooling::MeanAllTokens);
+        assert_eq!(
+            new.tokenizer,
+            TokenizerSpec::HfTokenizers {
+                file: "tokenizer.json".into(),
+                sha256: "ab".into()
+            }
+        );
+        assert!(serde_json::from_str::<ModelMetadata>(&json(r#""family": "bert","#)).is_err());
     }
 
     #[test]

@@ -872,7 +872,9 @@ pub fn engine_default_budget(dir: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virnuc_core::{ModelConfig, ModelSource, TensorSpec, alphabet};
+    use virnuc_core::{
+        ModelConfig, ModelFamily, ModelSource, Pooling, TensorSpec, TokenizerSpec, alphabet,
+    };
 
     fn meta(kind: &str, path: Option<&str>, seed: Option<u64>) -> ModelMetadata {
         let yaml = std::fs::read_to_string(
@@ -886,8 +888,11 @@ mod tests {
         };
         ModelMetadata {
             format: "virnuc-trt-onnx/1".into(),
+            family: ModelFamily::Esm2,
             model: ModelConfig::from_yaml_str(&yaml).expect("valid"),
+            tokenizer: TokenizerSpec::Esm2Alphabet,
             alphabet: alphabet::TOKENS.iter().map(|s| s.to_string()).collect(),
+            pooling: Pooling::MeanResidues,
             attention: "ort".into(),
             fused: true,
             precision: "fp32".into(),

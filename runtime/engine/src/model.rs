@@ -263,7 +263,7 @@ pub(crate) fn check_session(meta: &ModelMetadata, session: &Session, where_: &st
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virnuc_core::{ModelConfig, ModelSource};
+    use virnuc_core::{ModelConfig, ModelFamily, ModelSource, Pooling, TokenizerSpec};
 
     fn spec(name: &str, dtype: &str, shape: &[&str]) -> TensorSpec {
         TensorSpec {
@@ -288,8 +288,11 @@ mod tests {
         .expect("model yaml");
         ModelMetadata {
             format: METADATA_FORMAT.into(),
+            family: ModelFamily::Esm2,
             model: ModelConfig::from_yaml_str(&yaml).expect("valid"),
+            tokenizer: TokenizerSpec::Esm2Alphabet,
             alphabet: alphabet::TOKENS.iter().map(|s| s.to_string()).collect(),
+            pooling: Pooling::MeanResidues,
             attention: "masked".into(),
             fused: false,
             precision: "fp32".into(),
