@@ -123,6 +123,17 @@ impl Operator for VarlenAttentionCuda {
                 .get::<f32>("rotary_base")
                 .unwrap_or(defaults.rotary_base),
         };
+        // Contract version 2's ALiBi mode has no kernel here yet: refuse it rather than run the
+        // node without its bias.
+        if kctx
+            .get::<Vec<f32>>("alibi_slopes")
+            .is_some_and(|s| !s.is_empty())
+            || kctx.get::<f32>("alibi_slopes").is_some()
+        {
+            return Err(ort::Error::new(
+                "VarlenAttention: alibi_slopes (ALiBi) is not supported by this CUDA kernel build",
+            ));
+        }
         let node = kctx.node_name().unwrap_or_default();
         Ok(VarlenKernel {
             attrs,

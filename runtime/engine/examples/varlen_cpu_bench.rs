@@ -3,8 +3,9 @@
 //! `cargo run --release -p virnuc-engine --example varlen_cpu_bench [-- REPEATS]`
 //!
 //! chunk500: lengths 168 (75%) or 20-168, 2048 tokens (the CPU default budget); broad: log-normal
-//! 50-1024, 4096 tokens. Head shapes of ESM-2 8M (20 × 16), 35M (20 × 24) and 650M (20 × 64), fp32,
-//! rotary on. Prints the median of REPEATS runs (default 7) per shape.
+//! 50-1024, 4096 tokens. Head shapes of ESM-2 8M (20 × 16), 35M (20 × 24) and 650M (20 × 64) with
+//! rotary, and DNABERT-S (12 × 64) with ALiBi, fp32. Prints the median of REPEATS runs (default 7)
+//! per shape.
 
 use std::time::Instant;
 
@@ -49,12 +50,24 @@ fn main() {
             cu.push(cu.last().copied().unwrap_or(0) + n as i32);
             pos.extend(0..n as i64);
         }
-        for (model, h, d) in [("8M", 20, 16), ("35M", 20, 24), ("650M", 20, 64)] {
+        for (model, h, d) in [
+            ("8M", 20, 16),
+            ("35M", 20, 24),
+            ("650M", 20, 64),
+            ("DNABERT-S", 12, 64),
+        ] {
             let qkv: Vec<f32> = (0..total * 3 * h * d)
                 .map(|_| (rng.random::<f64>() * 2.0 - 1.0) as f32)
                 .collect();
             let mut out = vec![0f32; total * h * d];
-            let params = VarlenParams::new(h);
+            let params = if model == "DNABERT-S" {
+                // ALiBi slopes 2^-1 … 2^-8, then 2^-0.5 … 2^-3.5.
+                let mut slopes: Vec<f32> = (1..=8).map(|k| 2f32.powi(-k)).collect();
+                slopes.extend([-0.5f32, -1.5, -2.5, -3.5].map(f32::exp2));
+                VarlenParams::alibi(slopes)
+            } else {
+                VarlenParams::new(h)
+            };
             let mut times = Vec::with_capacity(repeats);
             for _ in 0..repeats {
                 let t = Instant::now();

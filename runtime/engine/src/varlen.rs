@@ -1,9 +1,11 @@
 //! Attention over packed variable-length sequences: the CPU implementation of
 //! `com.virnuc:VarlenAttention` (contract: `plugins/varlen_attention/README.md`), as a pure function.
 //!
-//! Token `t` of sequence `b` attends only to the tokens `cu_seqlens[b] .. cu_seqlens[b + 1]`; rotary
-//! (fair-esm / HF `rotate_half` form) is applied to q and k first when asked. 16-bit inputs are widened
-//! to f32, every sum runs in f32 and the result is rounded once at the end. Work is split over
+//! Token `t` of sequence `b` attends only to the tokens `cu_seqlens[b] .. cu_seqlens[b + 1]`. Positions
+//! enter in one of two ways (contract version 2): rotary (fair-esm / HF `rotate_half` form) applied
+//! to q and k first, or ALiBi, a per-head linear bias `−slope_h · |i − j|` on the scores, `i` and `j`
+//! the tokens' offsets within their sequence (MosaicBERT / DNABERT-S). 16-bit inputs are widened to
+//! f32, every sum runs in f32 and the result is rounded once at the end. Work is split over
 //! sequences × heads with rayon.
 
 use half::{bf16, f16};
@@ -56,16 +58,61 @@ pub struct VarlenParams {
     pub scale: Option<f32>,
     pub rotary: bool,
     pub rotary_base: f32,
+    /// ALiBi slopes, one per head (`alibi_slopes`); `None` or empty: no ALiBi. Excludes rotary.
+    pub alibi_slopes: Option<Vec<f32>>,
 }
 
 impl VarlenParams {
+    /// Rotary on (ESM-2), default scale, no ALiBi: the version-1 defaults.
     pub fn new(num_heads: usize) -> Self {
         Self {
             num_heads,
             scale: None,
             rotary: true,
             rotary_base: 10000.0,
+            alibi_slopes: None,
         }
+    }
+
+    /// ALiBi with `slopes` (one per head), rotary off, default scale.
+    pub fn alibi(slopes: Vec<f32>) -> Self {
+        Self {
+            num_heads: slopes.len(),
+            rotary: false,
+            alibi_slopes: Some(slopes),
+            ..Self::new(0)
+        }
+    }
+
+    /// The slopes when ALiBi is on (an empty list means off, as an absent attribute).
+    pub fn alibi_slopes(&self) -> Option<&[f32]> {
+        self.alibi_slopes.as_deref().filter(|s| !s.is_empty())
+    }
+
+    /// The rules on the attributes alone (shapes are checked per call): `num_heads` > 0, and with
+    /// ALiBi rotary off, one finite slope per head.
+    pub fn check(&self) -> Result<(), VarlenError> {
+        let h = self.num_heads;
+        if h == 0 {
+            return Err(bad("num_heads must be positive"));
+        }
+        if let Some(slopes) = self.alibi_slopes() {
+            if self.rotary {
+                return Err(bad(
+                    "alibi_slopes needs rotary = 0 (rotary and ALiBi exclude each other)",
+                ));
+            }
+            if slopes.len() != h {
+                return Err(bad(format!(
+                    "alibi_slopes has {} entries, expected num_heads ({h})",
+                    slopes.len()
+                )));
+            }
+            if let Some(s) = slopes.iter().find(|s| !s.is_finite()) {
+                return Err(bad(format!("alibi_slopes must be finite, got {s}")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -154,10 +201,8 @@ pub fn varlen_attention<T: Element>(
     params: &VarlenParams,
     out: &mut [T],
 ) -> Result<(), VarlenError> {
+    params.check()?;
     let h = params.num_heads;
-    if h == 0 {
-        return Err(bad("num_heads must be positive"));
-    }
     let total = out.len();
     let total_tokens = match cu_seqlens.last() {
         Some(&t) if t >= 0 => t as usize,
@@ -209,6 +254,7 @@ pub fn varlen_attention<T: Element>(
     } else {
         None
     };
+    let alibi = params.alibi_slopes();
     let scale = params.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let freqs = inv_freq(d, params.rotary_base);
 
@@ -234,6 +280,7 @@ pub fn varlen_attention<T: Element>(
             len,
             head_dim: d,
             rotary: table.as_ref(),
+            alibi,
             scale,
         };
         // One head at a time per task; results gathered, then scattered into the block.
@@ -271,6 +318,33 @@ fn max_f32(xs: &[f32]) -> f32 {
     let mut m = f32::NEG_INFINITY;
     for &x in acc.iter().chain(chunks.remainder()) {
         m = if x > m || x.is_nan() { x } else { m };
+    }
+    m
+}
+
+/// `xs[j] -= bias[j]`, returning the largest result (NaN if any is NaN), in one pass.
+#[inline(always)]
+fn subtract_and_max(xs: &mut [f32], bias: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    let mut bias_chunks = bias.chunks_exact(LANES);
+    for (c, b) in (&mut chunks).zip(&mut bias_chunks) {
+        for ((a, x), &y) in acc.iter_mut().zip(c.iter_mut()).zip(b) {
+            *x -= y;
+            *a = if *x > *a || x.is_nan() { *x } else { *a };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for (x, &y) in chunks
+        .into_remainder()
+        .iter_mut()
+        .zip(bias_chunks.remainder())
+    {
+        *x -= y;
+        m = if *x > m || x.is_nan() { *x } else { m };
+    }
+    for &a in &acc {
+        m = if a > m || a.is_nan() { a } else { m };
     }
     m
 }
@@ -325,6 +399,8 @@ struct Sequence<'a, T> {
     len: usize,
     head_dim: usize,
     rotary: Option<&'a RotaryTable>,
+    /// ALiBi slopes of all heads (rotary is then off).
+    alibi: Option<&'a [f32]>,
     scale: f32,
 }
 
@@ -336,7 +412,8 @@ impl<T> Clone for Sequence<'_, T> {
 }
 impl<T> Copy for Sequence<'_, T> {}
 
-/// softmax(scale · q kᵀ) v for one head of one sequence, in f32; returns `[len, d]`.
+/// softmax(scale · q kᵀ − bias) v for one head of one sequence, in f32; returns `[len, d]`
+/// (`bias[i][j] = slope · |i − j|` with ALiBi, else 0).
 ///
 /// The two matrix products run in matrixmultiply's GEMM, which picks its own SIMD kernel at run
 /// time. The loops around them (gathering q/k/v with rotary, the softmax) are written to vectorize;
@@ -371,6 +448,7 @@ fn attend_one_head_body<T: Element>(sequence: &Sequence<'_, T>, head: usize) -> 
         len,
         head_dim: d,
         rotary,
+        alibi,
         scale,
     } = *sequence;
     let qkv_cols = rows.len() / len; // len ≥ 1: empty sequences return before the heads
@@ -399,6 +477,15 @@ fn attend_one_head_body<T: Element>(sequence: &Sequence<'_, T>, head: usize) -> 
     // Both products go through a register-blocked GEMM (matrixmultiply) rather than loops of our
     // own: with head dims of 16-24 a hand loop is bound by loads and stores of the score rows
     // (one FMA per load/store pair); the GEMM micro-kernel keeps a tile of scores in registers.
+    // ALiBi: bias[i][j] = slope · |i − j| is row i of a Toeplitz matrix, the slice
+    // `ramp[len − 1 − i ..][..len]` of `ramp[t] = slope · |t − (len − 1)|`: one contiguous run per
+    // query row, subtracted in the same pass that takes the row's maximum.
+    let ramp: Option<Vec<f32>> = alibi.map(|slopes| {
+        let slope = slopes[head];
+        (0..2 * len - 1)
+            .map(|t| slope * t.abs_diff(len - 1) as f32)
+            .collect()
+    });
     let mut out = vec![0f32; len * d];
     let mut scores = vec![0f32; QUERY_BLOCK.min(len) * len];
     let mut i0 = 0;
@@ -418,8 +505,15 @@ fn attend_one_head_body<T: Element>(sequence: &Sequence<'_, T>, head: usize) -> 
             block,
         );
         let mut inv_denominators = [0f32; QUERY_BLOCK];
-        for (row, inv) in block.chunks_exact_mut(len).zip(inv_denominators.iter_mut()) {
-            let max = max_f32(row);
+        for (r, (row, inv)) in block
+            .chunks_exact_mut(len)
+            .zip(inv_denominators.iter_mut())
+            .enumerate()
+        {
+            let max = match &ramp {
+                Some(ramp) => subtract_and_max(row, &ramp[len - 1 - (i0 + r)..][..len]),
+                None => max_f32(row),
+            };
             for s in row.iter_mut() {
                 *s = exp_nonpositive(*s - max);
             }
@@ -516,7 +610,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Independent float64 reference: straightforward loops, rotary computed in f64.
+    /// How the float64 reference puts positions in.
+    #[derive(Clone, Copy)]
+    enum Mode<'a> {
+        /// Rotary with this base (positions from `position_ids`).
+        Rotary(f64),
+        /// No positions at all.
+        Plain,
+        /// `score −= slopes[h] · |i − j|`, i and j the offsets in the sequence.
+        Alibi(&'a [f64]),
+        /// A wrong ALiBi for the negative controls: the query's offset counted from the start of
+        /// the pack, the key's from the start of its sequence.
+        AlibiQueryFromPackStart(&'a [f64]),
+    }
+
+    /// Independent float64 reference of the contract: straightforward loops, rotary in f64.
     fn reference(
         qkv: &[f64],
         cu: &[i32],
@@ -526,14 +634,32 @@ mod tests {
         rotary: bool,
         base: f64,
     ) -> Vec<f64> {
+        let mode = if rotary {
+            Mode::Rotary(base)
+        } else {
+            Mode::Plain
+        };
+        reference_in(qkv, cu, pos, h, d, mode)
+    }
+
+    fn reference_in(
+        qkv: &[f64],
+        cu: &[i32],
+        pos: &[i64],
+        h: usize,
+        d: usize,
+        mode: Mode,
+    ) -> Vec<f64> {
         let hd = h * d;
         let cols = 3 * hd;
         let total = *cu.last().expect("non-empty") as usize;
         let mut out = vec![0f64; total * hd];
+        // position_ids are read with rotary only (ALiBi calls may pass none).
+        let position = |t: usize| pos.get(t).copied().unwrap_or(0);
         let rot = |x: &[f64], p: i64| -> Vec<f64> {
-            if !rotary {
+            let Mode::Rotary(base) = mode else {
                 return x.to_vec();
-            }
+            };
             let half = d / 2;
             let mut y = x.to_vec();
             for i in 0..half {
@@ -547,30 +673,48 @@ mod tests {
         for w in cu.windows(2) {
             let (s, e) = (w[0] as usize, w[1] as usize);
             for head in 0..h {
+                let keys: Vec<Vec<f64>> = (s..e)
+                    .map(|j| rot(&qkv[j * cols + hd + head * d..][..d], position(j)))
+                    .collect();
                 for i in s..e {
-                    let q = rot(&qkv[i * cols + head * d..i * cols + head * d + d], pos[i]);
-                    let mut sc = Vec::new();
-                    for j in s..e {
-                        let k = rot(
-                            &qkv[j * cols + hd + head * d..j * cols + hd + head * d + d],
-                            pos[j],
-                        );
-                        let dot: f64 = q.iter().zip(&k).map(|(a, b)| a * b).sum();
-                        sc.push(dot / (d as f64).sqrt());
+                    let q = rot(&qkv[i * cols + head * d..][..d], position(i));
+                    let mut sc = Vec::with_capacity(e - s);
+                    for (j, k) in (s..e).zip(&keys) {
+                        let dot: f64 = q.iter().zip(k).map(|(a, b)| a * b).sum();
+                        let bias = match mode {
+                            Mode::Alibi(slopes) => slopes[head] * (i - s).abs_diff(j - s) as f64,
+                            Mode::AlibiQueryFromPackStart(slopes) => {
+                                slopes[head] * i.abs_diff(j - s) as f64
+                            }
+                            Mode::Rotary(_) | Mode::Plain => 0.0,
+                        };
+                        sc.push(dot / (d as f64).sqrt() - bias);
                     }
                     let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let ex: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
                     let z: f64 = ex.iter().sum();
-                    for (jj, j) in (s..e).enumerate() {
-                        for c in 0..d {
-                            out[i * hd + head * d + c] +=
-                                ex[jj] / z * qkv[j * cols + 2 * hd + head * d + c];
+                    let o = &mut out[i * hd + head * d..][..d];
+                    for (p, j) in ex.iter().zip(s..e) {
+                        let v = &qkv[j * cols + 2 * hd + head * d..][..d];
+                        for (oc, vc) in o.iter_mut().zip(v) {
+                            *oc += p / z * vc;
                         }
                     }
                 }
             }
         }
         out
+    }
+
+    /// DNABERT-S's slopes (MosaicBERT's ALiBi for 12 heads): 2^-1 … 2^-8, then 2^-0.5 … 2^-3.5.
+    fn dnabert_slopes() -> Vec<f32> {
+        let mut s: Vec<f32> = (1..=8).map(|k| 2f32.powi(-k)).collect();
+        s.extend([-0.5f32, -1.5, -2.5, -3.5].map(f32::exp2));
+        s
+    }
+
+    fn widen(xs: &[f32]) -> Vec<f64> {
+        xs.iter().map(|&x| f64::from(x)).collect()
     }
 
     /// Small deterministic generator so the tests need no extra crate.
@@ -607,16 +751,22 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
-    fn run_f32(qkv: &[f64], cu: &[i32], pos: &[i64], h: usize, d: usize, rotary: bool) -> Vec<f64> {
-        let q32: Vec<f32> = qkv.iter().map(|&x| x as f32).collect();
-        let total = *cu.last().unwrap_or(&0) as usize;
-        // Poisoned: any element the op forgets to write shows up as NaN.
-        let mut out = vec![f32::NAN; total * h * d];
+    fn run_f32(qkv: &[f64], cu: &[i32], pos: &[i64], h: usize, rotary: bool) -> Vec<f64> {
         let params = VarlenParams {
             rotary,
             ..VarlenParams::new(h)
         };
-        varlen_attention(&q32, cu, Some(pos), &params, &mut out).expect("valid inputs");
+        run_with(qkv, cu, Some(pos), &params)
+    }
+
+    /// The op in f32 on `qkv` rounded to f32, output widened; position_ids may be absent.
+    fn run_with(qkv: &[f64], cu: &[i32], pos: Option<&[i64]>, params: &VarlenParams) -> Vec<f64> {
+        let q32: Vec<f32> = qkv.iter().map(|&x| x as f32).collect();
+        let total = *cu.last().unwrap_or(&0) as usize;
+        let cols = qkv.len().checked_div(total).unwrap_or(0) / 3;
+        // Poisoned: any element the op forgets to write shows up as NaN.
+        let mut out = vec![f32::NAN; total * cols];
+        varlen_attention(&q32, cu, pos, params, &mut out).expect("valid inputs");
         out.iter().map(|&x| f64::from(x)).collect()
     }
 
@@ -638,26 +788,30 @@ mod tests {
     #[test]
     fn vector_and_portable_builds_agree_bit_for_bit() {
         // The dispatching entry point (AVX2 + FMA where the CPU has them) against the body compiled
-        // for baseline x86-64, on one head of one sequence with rotary.
+        // for baseline x86-64, on one head of one sequence with rotary, then with ALiBi.
         let (h, d, len) = (3, 24, 77);
         let (qkv, _, pos) = case(&[len], h, d, 11);
         let q32: Vec<f32> = qkv.iter().map(|&x| x as f32).collect();
         let table = RotaryTable::new(&pos, &inv_freq(d, 10000.0));
+        let slopes = slopes_for(h);
         for head in 0..h {
-            let sequence = Sequence {
-                rows: &q32[..],
-                len,
-                head_dim: d,
-                rotary: Some(&table),
-                scale: 0.3,
-            };
-            let dispatched = attend_one_head(&sequence, head);
-            let portable = attend_one_head_body(&sequence, head);
-            let same = dispatched
-                .iter()
-                .zip(&portable)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "head {head}: the two builds differ");
+            for alibi in [false, true] {
+                let sequence = Sequence {
+                    rows: &q32[..],
+                    len,
+                    head_dim: d,
+                    rotary: (!alibi).then_some(&table),
+                    alibi: alibi.then_some(&slopes[..]),
+                    scale: 0.3,
+                };
+                let dispatched = attend_one_head(&sequence, head);
+                let portable = attend_one_head_body(&sequence, head);
+                let same = dispatched
+                    .iter()
+                    .zip(&portable)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "head {head} alibi={alibi}: the two builds differ");
+            }
         }
     }
 
@@ -692,7 +846,7 @@ mod tests {
         for (i, &(lengths, h, d)) in shapes.iter().enumerate() {
             for rotary in [true, false] {
                 let (qkv, cu, pos) = case(lengths, h, d, i as u64 + 1);
-                let got = run_f32(&qkv, &cu, &pos, h, d, rotary);
+                let got = run_f32(&qkv, &cu, &pos, h, rotary);
                 assert!(got.iter().all(|x| x.is_finite()), "unwritten output");
                 let want = reference(&qkv, &cu, &pos, h, d, rotary, 10000.0);
                 let err = max_rel_err(&got, &want);
@@ -734,12 +888,12 @@ mod tests {
         let (qkv, cu, pos) = case(&[6, 9], 2, 8, 3);
         let want = reference(&qkv, &cu, &pos, 2, 8, true, 10000.0);
         // One sequence of 15 tokens: attention crosses the boundary.
-        let merged = run_f32(&qkv, &[0, 15], &pos, 2, 8, true);
+        let merged = run_f32(&qkv, &[0, 15], &pos, 2, true);
         assert!(max_rel_err(&merged, &want) > 1e-3);
         // Rotary left out (every position 0). Positions running on across sequences would not be
         // caught here: rotary scores depend only on position differences within a sequence.
         let zeros = vec![0i64; 15];
-        let got = run_f32(&qkv, &cu, &zeros, 2, 8, true);
+        let got = run_f32(&qkv, &cu, &zeros, 2, true);
         assert!(max_rel_err(&got, &want) > 1e-3);
     }
 
@@ -765,6 +919,149 @@ mod tests {
         assert!(e.to_string().contains("head_dim"), "{e}");
     }
 
+    /// Slopes for `h` heads that differ from head to head (DNABERT-S's, cycled).
+    fn slopes_for(h: usize) -> Vec<f32> {
+        dnabert_slopes().into_iter().cycle().take(h).collect()
+    }
+
+    #[test]
+    fn alibi_matches_float64_reference_on_mixed_shapes() {
+        let shapes: &[(&[usize], usize, usize)] = &[
+            (&[1], 1, 2),
+            (&[1, 5, 1, 17], 2, 16),
+            (&[3, 0, 40], 4, 8),
+            (&[64, 1, 33], 12, 16),
+            (&[9], 2, 24),
+            (&[129, 65, 200], 3, 24),
+            (&[300], 1, 64),
+        ];
+        for (i, &(lengths, h, d)) in shapes.iter().enumerate() {
+            let (qkv, cu, _) = case(lengths, h, d, i as u64 + 101);
+            let params = VarlenParams::alibi(slopes_for(h));
+            // ALiBi needs no position_ids.
+            let got = run_with(&qkv, &cu, None, &params);
+            assert!(got.iter().all(|x| x.is_finite()), "unwritten output");
+            let slopes = widen(&slopes_for(h));
+            let want = reference_in(&qkv, &cu, &[], h, d, Mode::Alibi(&slopes));
+            let err = max_rel_err(&got, &want);
+            assert!(err <= 1e-5, "{lengths:?} h={h} d={d}: {err}");
+        }
+    }
+
+    #[test]
+    fn alibi_at_dnabert_s_shape_matches_float64_in_every_precision() {
+        // 12 heads of 64, scale 64^-0.5 = 0.125, a pack with a single token, a multiple of the
+        // query block, a partial last block and a short sequence.
+        let (h, d) = (12, 64);
+        let (qkv, cu, _) = case(&[1, 128, 301, 7], h, d, 77);
+        let params = VarlenParams::alibi(dnabert_slopes());
+        assert_eq!(params.num_heads, 12);
+        let slopes = widen(&dnabert_slopes());
+        let want = reference_in(&qkv, &cu, &[], h, d, Mode::Alibi(&slopes));
+        let err = max_rel_err(&run_with(&qkv, &cu, None, &params), &want);
+        assert!(err <= 1e-5, "f32: {err}");
+
+        // 16-bit: against the reference on the same rounded inputs.
+        let q16: Vec<f16> = qkv.iter().map(|&x| f16::from_f64(x)).collect();
+        let rounded: Vec<f64> = q16.iter().map(|x| x.to_f64()).collect();
+        let want16 = reference_in(&rounded, &cu, &[], h, d, Mode::Alibi(&slopes));
+        let mut out = vec![f16::NAN; want.len()];
+        varlen_attention(&q16, &cu, None, &params, &mut out).expect("valid inputs");
+        let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+        assert!(max_rel_err(&got, &want16) <= 2e-3);
+
+        let qb: Vec<bf16> = qkv.iter().map(|&x| bf16::from_f64(x)).collect();
+        let rounded: Vec<f64> = qb.iter().map(|x| x.to_f64()).collect();
+        let want_b = reference_in(&rounded, &cu, &[], h, d, Mode::Alibi(&slopes));
+        let mut out = vec![bf16::NAN; want.len()];
+        varlen_attention(&qb, &cu, None, &params, &mut out).expect("valid inputs");
+        let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+        assert!(max_rel_err(&got, &want_b) <= 8e-3);
+    }
+
+    #[test]
+    fn alibi_on_a_2600_token_sequence_matches_float64() {
+        // No length limit: far past DNABERT-S's 512-token training length, with its weakest
+        // (2^-8: every key still counts) and strongest (2^-0.5) slopes, between a short sequence
+        // before and after.
+        let slopes = vec![2f32.powi(-8), 2f32.powf(-0.5), 2f32.powi(-4)];
+        let (h, d) = (3, 16);
+        let (qkv, cu, _) = case(&[5, 2600, 3], h, d, 2600);
+        let got = run_with(&qkv, &cu, None, &VarlenParams::alibi(slopes.clone()));
+        let want = reference_in(&qkv, &cu, &[], h, d, Mode::Alibi(&widen(&slopes)));
+        let err = max_rel_err(&got, &want);
+        assert!(err <= 1e-5, "{err}");
+    }
+
+    #[test]
+    fn the_alibi_check_can_fail() {
+        // The op (ALiBi on) against references with the bugs an implementation could have: each
+        // must differ from the op's output far beyond the 1e-5 the correct reference meets.
+        let (h, d) = (4, 16);
+        let slopes = vec![0.5f32, 0.125, 2f32.powf(-0.5), 2f32.powi(-6)];
+        let (qkv, cu, _) = case(&[40, 70, 25], h, d, 9);
+        let got = run_with(&qkv, &cu, None, &VarlenParams::alibi(slopes.clone()));
+        let right = widen(&slopes);
+        let err = |mode| max_rel_err(&got, &reference_in(&qkv, &cu, &[], h, d, mode));
+        assert!(err(Mode::Alibi(&right)) <= 1e-5);
+        let reversed: Vec<f64> = right.iter().rev().copied().collect();
+        let flipped: Vec<f64> = right.iter().map(|s| -s).collect();
+        let controls = [
+            ("slopes in reversed head order", err(Mode::Alibi(&reversed))),
+            ("bias with the sign flipped", err(Mode::Alibi(&flipped))),
+            (
+                "query offset counted from the pack start",
+                err(Mode::AlibiQueryFromPackStart(&right)),
+            ),
+            ("no bias at all", err(Mode::Plain)),
+        ];
+        // (Both offsets counted from the pack start would give the same distances: not a bug.)
+        for (what, e) in controls {
+            assert!(e > 1e-3, "{what}: only {e:e} from the op's output");
+        }
+    }
+
+    #[test]
+    fn alibi_attributes_are_checked() {
+        let qkv = vec![0.5f32; 4 * 3 * 2 * 4];
+        let mut out = vec![0f32; 4 * 2 * 4];
+        let cu = [0, 2, 4];
+        let run = |p: &VarlenParams, out: &mut [f32]| varlen_attention(&qkv, &cu, None, p, out);
+        assert!(run(&VarlenParams::alibi(vec![0.5, 0.25]), &mut out).is_ok());
+        // Rotary and ALiBi exclude each other (rotary's default is on).
+        let both = VarlenParams {
+            rotary: true,
+            ..VarlenParams::alibi(vec![0.5, 0.25])
+        };
+        let e = run(&both, &mut out).expect_err("rotary + alibi");
+        assert!(e.to_string().contains("rotary = 0"), "{e}");
+        // One slope per head.
+        let short = VarlenParams {
+            num_heads: 2,
+            ..VarlenParams::alibi(vec![0.5])
+        };
+        let e = run(&short, &mut out).expect_err("1 slope, 2 heads");
+        assert!(e.to_string().contains("expected num_heads (2)"), "{e}");
+        for bad_slope in [f32::NAN, f32::INFINITY] {
+            let e = run(&VarlenParams::alibi(vec![0.5, bad_slope]), &mut out)
+                .expect_err("non-finite slope");
+            assert!(e.to_string().contains("finite"), "{e}");
+        }
+        // An empty list is no ALiBi (version-1 behaviour), as an absent attribute.
+        let plain = VarlenParams {
+            rotary: false,
+            ..VarlenParams::new(2)
+        };
+        let empty = VarlenParams {
+            alibi_slopes: Some(Vec::new()),
+            ..plain.clone()
+        };
+        let mut a = vec![0f32; out.len()];
+        let mut b = vec![0f32; out.len()];
+        assert!(run(&plain, &mut a).is_ok() && run(&empty, &mut b).is_ok());
+        assert_eq!(a, b);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
         #[test]
@@ -773,12 +1070,27 @@ mod tests {
             h in 1usize..5,
             half_d in 1usize..9,
             seed in any::<u64>(),
-            rotary in any::<bool>(),
+            mode in 0u8..3,
+            slopes in proptest::collection::vec(-0.25f32..1.0, 4),
         ) {
+            // mode 0: rotary, 1: no positions, 2: ALiBi with random slopes (negative ones too:
+            // the contract allows any finite slope).
             let d = half_d * 2;
             let (qkv, cu, pos) = case(&lengths, h, d, seed);
-            let got = run_f32(&qkv, &cu, &pos, h, d, rotary);
-            let want = reference(&qkv, &cu, &pos, h, d, rotary, 10000.0);
+            let (got, want) = if mode == 2 {
+                let slopes = slopes[..h].to_vec();
+                let wide = widen(&slopes);
+                (
+                    run_with(&qkv, &cu, None, &VarlenParams::alibi(slopes)),
+                    reference_in(&qkv, &cu, &pos, h, d, Mode::Alibi(&wide)),
+                )
+            } else {
+                let rotary = mode == 0;
+                (
+                    run_f32(&qkv, &cu, &pos, h, rotary),
+                    reference(&qkv, &cu, &pos, h, d, rotary, 10000.0),
+                )
+            };
             prop_assert!(got.iter().all(|x| x.is_finite()));
             prop_assert!(max_rel_err(&got, &want) <= 1e-5);
         }
