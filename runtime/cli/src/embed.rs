@@ -131,6 +131,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     if let Some(note) = &info.ep_note {
         eprintln!("virnuc-trt: {note}");
     }
+    crate::settings::warn_all(&s.ineffective(info.ep));
     if info.metadata.random_weights {
         eprintln!(
             "virnuc-trt: note: {} has RANDOM weights (a test/demo export): the embeddings mean nothing",
@@ -175,7 +176,8 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     let done = writer.done();
     let mut pipeline = virnuc_data::start(s.pipeline()).context("cannot start reading")?;
 
-    let progress = progress_bar(s.quiet);
+    let input = pipeline.input_progress();
+    let progress = progress_bar(s.quiet, input.total_bytes());
     let writer_progress = progress.clone();
     let writer_done = done.clone();
     let writer_thread = std::thread::Builder::new()
@@ -218,9 +220,9 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
                 sequences += keep.len() as u64;
                 tokens += r.batch.num_tokens() as u64;
                 let secs = start.elapsed().as_secs_f64().max(1e-9);
-                writer_progress.set_position(sequences);
+                writer_progress.set_position(input.bytes_read());
                 writer_progress.set_message(format!(
-                    "{tokens} tokens, {:.0} tokens/s",
+                    "{sequences} sequences, {:.0} tokens/s",
                     tokens as f64 / secs
                 ));
             }
@@ -381,17 +383,27 @@ fn attributes(s: &EmbedSettings, info: &EngineInfo) -> Result<Vec<(String, Strin
     ])
 }
 
-fn progress_bar(quiet: bool) -> ProgressBar {
+/// Progress in input bytes as they are on disk (compressed bytes for compressed files, counted by
+/// the file reader): of the total with percent and ETA when every input is a file, a rate on
+/// standard input.
+fn progress_bar(quiet: bool, total_bytes: Option<u64>) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let pb = ProgressBar::with_draw_target(total_bytes, ProgressDrawTarget::stderr());
     pb.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} {pos} sequences, {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        progress_style(total_bytes.is_some()).unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
+}
+
+fn progress_style(sized: bool) -> Result<ProgressStyle, indicatif::style::TemplateError> {
+    ProgressStyle::with_template(if sized {
+        "{spinner} {elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {percent}% ETA {eta} | {msg}"
+    } else {
+        "{spinner} {elapsed_precise} {bytes} read, {bytes_per_sec} | {msg}"
+    })
 }
 
 fn finish(
@@ -519,6 +531,74 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use virnuc_core::{PackedBatch, SequenceMeta};
+
+    /// A terminal that keeps the last line drawn.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(std::sync::Arc<std::sync::Mutex<String>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            160
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(s)
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            if let Ok(mut line) = self.0.lock() {
+                line.push_str(s);
+            }
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            if let Ok(mut line) = self.0.lock() {
+                line.clear();
+            }
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn draw(total: Option<u64>, read: u64) -> String {
+        let screen = Screen::default();
+        let bar = ProgressBar::with_draw_target(
+            total,
+            ProgressDrawTarget::term_like(Box::new(screen.clone())),
+        );
+        bar.set_style(progress_style(total.is_some()).expect("template"));
+        bar.set_message("12 sequences");
+        bar.set_position(read);
+        bar.tick();
+        screen.0.lock().expect("screen").clone()
+    }
+
+    #[test]
+    fn regression_progress_shows_bytes_of_total_with_percent_and_eta() {
+        let line = draw(Some(4 << 20), 1 << 20);
+        for want in ["1.00 MiB/4.00 MiB", "25%", "ETA ", "12 sequences"] {
+            assert!(line.contains(want), "{want:?} not in {line:?}");
+        }
+        // Standard input: no total, a rate.
+        let line = draw(None, 3 << 20);
+        assert!(
+            line.contains("3.00 MiB read") && line.contains("/s"),
+            "{line:?}"
+        );
+        assert!(!line.contains('%'), "{line:?}");
+    }
 
     #[test]
     fn select_keeps_rows_and_rebases_token_states() {

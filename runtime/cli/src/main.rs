@@ -64,7 +64,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("virnuc-trt: error: {e:#}");
+            eprintln!("virnuc-trt: error: {}", error_text(&e));
             if e.downcast_ref::<settings::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -74,10 +74,54 @@ fn main() -> ExitCode {
     }
 }
 
+/// The error and its causes, each once. Many library errors quote their cause in their own message
+/// (for callers that print only the top) and also return it as `source()`; anyhow's `{:#}` would
+/// then print that cause twice.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// The reader of our standard output went away (`| head`): not a failure (ripgrep does the same).
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_error_cause_is_printed_once() {
+        // CoreError::Io says "cannot read PATH: CAUSE" and also returns CAUSE as its source.
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file (os error 2)");
+        let e = anyhow::Error::from(virnuc_core::CoreError::Io {
+            path: "models/x.yaml".into(),
+            source: io,
+        })
+        .context("cannot load the model");
+        let text = error_text(&e);
+        assert_eq!(
+            text,
+            "cannot load the model: cannot read models/x.yaml: no such file (os error 2)"
+        );
+        // What `{:#}` printed before.
+        assert_eq!(format!("{e:#}").matches("no such file").count(), 2);
+        // A cause that the message does not quote is still printed.
+        let e = anyhow::anyhow!("inner cause").context("outer");
+        assert_eq!(error_text(&e), "outer: inner cause");
+    }
 }

@@ -55,6 +55,31 @@ pub struct DataArgs {
     pub force_mode: bool,
 }
 
+/// The data flags that do nothing in `mode`, one sentence each (shared by `embed` and `translate`).
+pub fn data_flags_ineffective(mode: Mode, chunk_set: bool, virnucpro_compat: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if mode == Mode::Protein {
+        for (given, flag) in [
+            (chunk_set, "--chunk"),
+            (virnucpro_compat, "--virnucpro-compat"),
+        ] {
+            if given {
+                out.push(format!(
+                    "{flag} has no effect in --mode protein (it applies to nucleotide inputs)"
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Prints each warning once on standard error.
+pub fn warn_all(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("virnuc-trt: warning: {w}");
+    }
+}
+
 /// Flags of `virnuc-trt embed`.
 #[derive(Debug, Clone, Args)]
 pub struct EmbedArgs {
@@ -251,6 +276,8 @@ pub struct EmbedSettings {
     pub out: PathBuf,
     pub mode: Mode,
     pub chunk: usize,
+    /// --chunk was given (flag or YAML), not defaulted.
+    pub chunk_set: bool,
     pub max_residues: usize,
     pub long: LongPolicy,
     pub virnucpro_compat: bool,
@@ -268,6 +295,8 @@ pub struct EmbedSettings {
     pub report: Option<PathBuf>,
     pub ort_lib: Option<PathBuf>,
     pub threads: usize,
+    /// --threads was given (flag or YAML).
+    pub threads_set: bool,
     pub trt_cache: Option<PathBuf>,
     pub shard_sequences: usize,
     pub input_shard: Option<InputShard>,
@@ -327,6 +356,7 @@ impl EmbedSettings {
             out,
             mode: args.data.mode.or(c.mode).unwrap_or_default(),
             chunk,
+            chunk_set: args.data.chunk.or(c.chunk).is_some(),
             max_residues: args.data.max_residues.or(c.max_residues).unwrap_or(1022),
             long: args.data.long.or(c.long).unwrap_or_default(),
             virnucpro_compat: args.data.virnucpro_compat || c.virnucpro_compat.unwrap_or(false),
@@ -346,6 +376,7 @@ impl EmbedSettings {
             report: args.report.clone().or(c.report.clone()),
             ort_lib: args.ort_lib.clone().or(c.ort_lib.clone()),
             threads: args.threads.or(c.threads).unwrap_or(0),
+            threads_set: args.threads.or(c.threads).is_some(),
             trt_cache: args.trt_cache.clone().or(c.trt_cache.clone()),
             shard_sequences: args.shard_sequences.or(c.shard_sequences).unwrap_or(4096),
             input_shard: args.input_shard.or(c.input_shard),
@@ -359,6 +390,44 @@ impl EmbedSettings {
             return usage("--chunk must be at least 3 bp");
         }
         Ok(settings)
+    }
+
+    /// Settings that were given but do nothing with this mode and execution provider (`ep`: the
+    /// provider the engine runs on), one sentence each, for a warning.
+    pub fn ineffective(&self, ep: &str) -> Vec<String> {
+        let mut out = data_flags_ineffective(self.mode, self.chunk_set, self.virnucpro_compat);
+        let mut no_effect = |given: bool, flag: &str, why: &str| {
+            if given {
+                out.push(format!("{flag} has no effect {why}"));
+            }
+        };
+        let gpu = ep != "cpu";
+        no_effect(
+            self.threads_set && gpu,
+            "--threads",
+            &format!("on {ep} (it sets the CPU provider's threads)"),
+        );
+        no_effect(
+            self.device_set.is_some() && !gpu,
+            "--device",
+            "on the CPU provider (it selects a GPU)",
+        );
+        no_effect(
+            self.kernel_dir.is_some() && !gpu,
+            "--kernel-dir",
+            "on the CPU provider (the CUDA kernel is for cuda/tensorrt)",
+        );
+        no_effect(
+            self.trt_cache.is_some() && ep != "tensorrt",
+            "--trt-cache",
+            &format!("on {ep} (it is the TensorRT engine cache)"),
+        );
+        no_effect(
+            self.force && self.engine.is_none(),
+            "--force",
+            "without --engine (it runs an engine folder built for another host)",
+        );
+        out
     }
 
     pub fn pipeline(&self) -> PipelineConfig {
@@ -429,6 +498,59 @@ mod tests {
         assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
         let e = EmbedSettings::resolve(&parse(&["x.fa", "--out", "o.h5"])).expect_err("no model");
         assert!(e.to_string().contains("--model"), "{e}");
+    }
+
+    #[test]
+    fn regression_flags_that_do_nothing_are_named() {
+        let s = EmbedSettings::resolve(&parse(&[
+            "a.fa",
+            "-m",
+            "m",
+            "-o",
+            "o.h5",
+            "--mode",
+            "protein",
+            "--chunk",
+            "300",
+            "--threads",
+            "4",
+            "--trt-cache",
+            "c",
+            "--force",
+        ]))
+        .expect("resolves");
+        let w = s.ineffective("cuda");
+        assert_eq!(w.len(), 4, "{w:?}");
+        for flag in ["--chunk", "--threads", "--trt-cache", "--force"] {
+            assert!(w.iter().any(|x| x.starts_with(flag)), "{flag}: {w:?}");
+        }
+        // On the CPU --threads matters; --device and --kernel-dir do not.
+        let s = EmbedSettings::resolve(&parse(&[
+            "a.fa",
+            "-m",
+            "m",
+            "-o",
+            "o.h5",
+            "--threads",
+            "4",
+            "--device",
+            "1",
+            "--kernel-dir",
+            "k",
+        ]))
+        .expect("resolves");
+        let w = s.ineffective("cpu");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("--device") && w[1].starts_with("--kernel-dir"),
+            "{w:?}"
+        );
+        // Defaults and flags that matter: no warning.
+        let s =
+            EmbedSettings::resolve(&parse(&["a.fa", "-m", "m", "-o", "o.h5", "--chunk", "300"]))
+                .expect("resolves");
+        assert!(s.ineffective("cpu").is_empty());
+        assert!(s.ineffective("cuda").is_empty());
     }
 
     #[test]

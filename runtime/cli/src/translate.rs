@@ -39,6 +39,11 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     if config.chunk_len < 3 {
         return usage("--chunk must be at least 3 bp");
     }
+    crate::settings::warn_all(&crate::settings::data_flags_ineffective(
+        config.mode,
+        args.data.chunk.is_some(),
+        args.data.virnucpro_compat,
+    ));
     let mut proteins = virnuc_data::proteins(&config).context("cannot read the input")?;
     let mut text = Vec::new();
     let mut write = |w: &mut dyn Write| -> Result<u64> {

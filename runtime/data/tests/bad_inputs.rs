@@ -479,3 +479,29 @@ fn regression_data_altering_events_are_named() {
     });
     assert!(clean.alterations().is_empty(), "{:?}", clean.alterations());
 }
+
+#[test]
+fn regression_progress_counts_on_disk_bytes_of_every_input() {
+    // The progress bar's numbers: compressed bytes for a compressed file, counted at the file reader.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read(fixture("lambda_virus.fa")).unwrap();
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&text).unwrap();
+        e.finish().unwrap()
+    };
+    let a = write(dir.path(), "a.fa.gz", &gz);
+    let b = write(dir.path(), "b.fa.bz2", &bz2(&text));
+    let total = (gz.len() + std::fs::metadata(&b).unwrap().len() as usize) as u64;
+    let mut pipeline = virnuc_data::start(config(vec![a, b])).unwrap();
+    let progress = pipeline.input_progress();
+    assert_eq!(progress.total_bytes(), Some(total));
+    for p in pipeline.by_ref() {
+        p.unwrap();
+    }
+    pipeline.finish().unwrap();
+    assert_eq!(progress.bytes_read(), total);
+    // Standard input has no size.
+    let p = virnuc_data::InputProgress::for_paths(&["-".into()]);
+    assert_eq!(p.total_bytes(), None);
+}
