@@ -63,6 +63,15 @@ def markdown(doc: dict[str, Any]) -> str:
         )
         + ".",
         "",
+        *(
+            [
+                f"Each tool ran {ctx['rounds']} alternating rounds (in order, then in reverse order); "
+                "tokens/s, seq/s and run s are the median round, best = the fastest round.",
+                "",
+            ]
+            if ctx.get("rounds", 1) > 1
+            else []
+        ),
         "| model | workload | tool | prec. | budget | attention | tokens/s | seq/s | % of limit | GPU busy | "
         "peak GPU mem | padding | cos vs ref min / mean | run s | load s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -88,12 +97,17 @@ def markdown(doc: dict[str, Any]) -> str:
             load = "in run s"
         best = " **best**" if r.get("best_budget") else ""
         best += f" ({r['passes']} passes)" if r.get("passes", 1) > 1 else ""
+        rate = _rate(r["tok_s"])
+        run_s = f"{r['seconds']:.1f}"
+        if r.get("rounds", 1) > 1:
+            rate += f" (best {_rate(r['tok_s_best'])})"
+            run_s += f" (min {r['seconds_min']:.1f})"
         lines.append(
             f"| {r['model']} | {r['workload']} | {r['tool']} | {r['precision']} | {r['budget']}{best} | "
-            f"{r['attention']} | {_rate(r['tok_s'])} | {r['seq_s']:.0f} | {_f(r.get('limit_pct'), '.0f')}% | "
+            f"{r['attention']} | {rate} | {r['seq_s']:.0f} | {_f(r.get('limit_pct'), '.0f')}% | "
             f"{_f(r.get('gpu_busy_pct'), '.0f')}{'%' if r.get('gpu_busy_pct') is not None else ''} | "
             f"{_f(r.get('peak_gpu_gib'), '.1f')}{' GiB' if r.get('peak_gpu_gib') is not None else ''} | "
-            f"{r['padding_pct']:.1f}% | {cos} | {r['seconds']:.1f} | {load} |"
+            f"{r['padding_pct']:.1f}% | {cos} | {run_s} | {load} |"
         )
     if gpu:
         lines += [

@@ -21,8 +21,9 @@ cosine (min/mean per sequence) of its mean embeddings against the reference run:
 virnuc-trt fp16, else hf-eager fp32 (also found in --work from an earlier piece of the same session).
 
 Workloads (`--workloads`, each --max-tokens tokens, default 200000 on GPU, 20000 on CPU):
-  chunk500  500 bp chunks of klebsiella_HS11286.fna.gz + lambda_virus.fa, six frames, stop-free frames
-            (`virnuc-trt translate`), a seeded sample; needs the binary or a staged pool.
+  chunk500  500 bp chunks of klebsiella_HS11286.fna.gz + lambda_virus.fa (tests/fixtures, so a fresh
+            clone has them), six frames, stop-free frames (`virnuc-trt translate`), a seeded sample;
+            needs the binary or a staged pool.
   broad     synthetic proteins, log-normal lengths 50-1024 tokens, seeded.
 
 On the GPU machine (it has no ../shared; stage what it needs into the ignored .device-stage/bench):
@@ -41,6 +42,9 @@ On the GPU machine (it has no ../shared; stage what it needs into the ignored .d
   always runs cold, as a user runs it. Quick runs: --max-tokens 50000, --workloads broad.
 CPU mode (`--cpu`, default models esm2_t6_8M,esm2_t12_35M, peers virnuc-trt,hf-eager,hf-sdpa,
 ep cpu, attention virnuc):  source tools/setup.sh && python tools/bench/run.py bench --cpu
+Rounds (`--rounds`, default 3 on CPU, 1 on GPU): every tool runs once a round, in order on even rounds
+and in reverse order on odd ones, so that drift (heat, caches, other load) falls on all tools alike; a
+row reports the median round (tokens/s, run s) and the fastest (best tokens/s, min s).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import traceback
@@ -91,7 +96,8 @@ def binary_identity(binary: Path) -> str:
     return f"{binary} ({binary.stat().st_size} bytes, sha256 {digest}…)"
 
 
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+# The genomes ship with the repository: a fresh clone runs every workload.
+DEFAULT_DATA = REPO / "tests" / "fixtures"
 PEER_ORDER = ("virnuc-trt", "hf-eager", "hf-sdpa", "torch-packed")
 
 
@@ -143,9 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-sdpa-budget", type=int, default=16384)
     b.add_argument("--packed-budget", type=int, default=16384)
     b.add_argument("--stage", type=Path, default=DEFAULT_STAGE, help="staged binary/data/pool (prepare)")
-    b.add_argument(
-        "--data", type=Path, help="folder with the genomes (default ../shared/data, else STAGE/data)"
-    )
+    b.add_argument("--data", type=Path, help="folder with the genomes (default tests/fixtures)")
     b.add_argument("--work", type=Path, default=Path("/tmp/virnuc-bench"), help="exports, workloads, outputs")
     b.add_argument("--results", type=Path, help="results folder (default $OUT, else out/bench)")
     b.add_argument("--tag", help="results file name stem (default bench-<mode>-<UTC time>)")
@@ -157,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(steady state: per-shape one-time costs paid); virnuc-trt always runs cold, as a user runs it",
     )
     b.add_argument("--reexport", action="store_true", help="export again even when cached in --work")
+    b.add_argument(
+        "--rounds",
+        type=int,
+        help="alternating rounds over all tools (default 3 on CPU, 1 on GPU); rows give median and best",
+    )
 
     s = sub.add_parser(
         "prepare", help="stage binary, genomes and the translated chunk500 pool for the device"
@@ -198,6 +207,48 @@ def expand_runs(args: argparse.Namespace, cuda: bool) -> list[RunSpec]:
     return sorted(runs, key=lambda r: (PEER_ORDER.index(r.tool), r.precision != "fp32"))
 
 
+def round_order(runs: list[RunSpec], index: int) -> list[RunSpec]:
+    """The tools of round `index`: in order on even rounds, reversed on odd ones (A B C, C B A, …)."""
+    return list(runs) if index % 2 == 0 else list(reversed(runs))
+
+
+ROW_KEY = ("model", "workload", "tool", "precision", "budget", "attention")
+
+
+def aggregate_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, workload, tool, precision, budget, attention) from its rounds, in first-seen
+    order: the median round's figures (`seconds`, `tok_s`, `seq_s`, `limit_pct` from the median time),
+    plus `seconds_min`, `tok_s_best` (the fastest round), `rounds` and every round's seconds. A key whose
+    rounds all failed keeps its last error row; failed rounds next to good ones are counted."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in ROW_KEY), []).append(r)
+    out: list[dict[str, Any]] = []
+    for group in groups.values():
+        ok = [r for r in group if not r.get("error")]
+        if not ok:
+            out.append({k: v for k, v in group[-1].items() if k != "round"})
+            continue
+        seconds = [r["seconds"] for r in ok]
+        median = statistics.median(seconds)
+        fastest = min(seconds)
+        mid = sorted(ok, key=lambda r: r["seconds"])[(len(ok) - 1) // 2]
+        row = {k: v for k, v in mid.items() if k != "round"}
+        row["rounds"] = len(ok)
+        row["round_seconds"] = seconds
+        row["seconds"] = median
+        row["seconds_min"] = fastest
+        row["tok_s"] = row["tokens"] / median
+        row["tok_s_best"] = row["tokens"] / fastest
+        row["seq_s"] = row["sequences"] / median
+        if mid.get("limit_pct") is not None:
+            row["limit_pct"] = mid["limit_pct"] * mid["seconds"] / median
+        if len(ok) < len(group):
+            row["failed_rounds"] = len(group) - len(ok)
+        out.append(row)
+    return out
+
+
 def software(cuda: bool, binary: Path | None) -> str:
     import torch
     import transformers
@@ -228,7 +279,7 @@ def make_workloads(args: argparse.Namespace, binary: Path, tokens: int) -> dict[
             pool = args.stage / "workloads" / wl.POOL_NAME
             if not pool.exists():
                 pool = args.work / "workloads" / wl.POOL_NAME
-                data = args.data or (DEFAULT_DATA if DEFAULT_DATA.exists() else args.stage / "data")
+                data = args.data or DEFAULT_DATA
                 seconds = wl.translate_pool(binary, [data / g for g in wl.GENOMES], pool)
                 print(f"translated the genomes in {seconds:.1f} s → {pool}", file=sys.stderr)
             out[name] = wl.chunk500(pool, path, tokens, args.seed)
@@ -317,6 +368,10 @@ class Bench:
         )
         self.runs = expand_runs(args, self.cuda)
         tokens = args.max_tokens or (200_000 if self.cuda else 20_000)
+        self.rounds = args.rounds or (1 if self.cuda else 3)
+        if self.rounds < 1:
+            raise SystemExit("--rounds must be at least 1")
+        self.round = 0
         self.budgets = [int(x) for x in parse_list(args.virnuc_budgets or ("16384" if self.cuda else "2048"))]
         self.binary: Path = args.virnuc_trt or default_binary(
             args.stage / "bin" / "virnuc-trt", REPO / "target" / "release" / "virnuc-trt"
@@ -344,6 +399,7 @@ class Bench:
                 "software": software(self.cuda, self.binary),
                 "virnuc_trt_binary": binary_identity(self.binary),
                 "seed": args.seed,
+                "rounds": self.rounds,
                 "ceiling_tflops": self.ceiling,
                 "limits": {},
                 "workloads": {k: vars(w) | {"path": str(w.path)} for k, w in self.workloads.items()},
@@ -352,8 +408,10 @@ class Bench:
         }
 
     def save(self) -> Path:
-        update_cosines(self.doc, self.args.work)
-        _, md = report.write(self.doc, self.results, self.tag)
+        """Writes the table so far: one row per tool and setting, aggregated over the rounds run."""
+        doc = dict(self.doc, rows=aggregate_rounds(self.doc["rows"]))
+        update_cosines(doc, self.args.work)
+        _, md = report.write(doc, self.results, self.tag)
         print(f"[bench] wrote {md}", file=sys.stderr)
         return md
 
@@ -366,6 +424,7 @@ class Bench:
                 "tool": spec.tool,
                 "precision": spec.precision,
                 "budget": budget,
+                "round": self.round,
                 "error": f"{type(exc).__name__}: {exc}".replace("\n", " "),
             }
         )
@@ -385,8 +444,9 @@ class Bench:
         args = self.args
         model_dir = args.work / "models" / f"{model}-s{args.seed}-{spec.attention}-{spec.precision}"
         try:
+            reexport = args.reexport and self.round == 0
             export_s = export_model(
-                REPO, model, args.seed, spec.attention, spec.precision, model_dir, args.reexport
+                REPO, model, args.seed, spec.attention, spec.precision, model_dir, reexport
             )
         except Exception as exc:
             self.failed(spec, model, "-", 0, exc)
@@ -416,6 +476,7 @@ class Bench:
                     if self.monitor:
                         self.monitor.stop()
                 row = row_from(spec, model, workload, budget, stats, limit, out_h5)
+                row["round"] = self.round
                 row["export_seconds"] = export_s
                 if stats.tokens not in (-1, workload.tokens):
                     row["note"] = f"virnuc-trt counted {stats.tokens} tokens, the workload {workload.tokens}"
@@ -463,6 +524,7 @@ class Bench:
                     if self.monitor:
                         self.monitor.stop()
                 row = row_from(spec, model, workload, budget, stats, limit, out_h5)
+                row["round"] = self.round
                 row["passes"] = args.passes
                 self._gpu_figures(row, baseline)
                 if self.cuda:
@@ -485,17 +547,21 @@ class Bench:
             limit = self.ceiling * 1e12 / esm_flops_per_token(config)
             self.doc["context"]["limits"][model] = limit
             weights = None
-            for spec in self.runs:
-                if spec.tool == "virnuc-trt":
-                    try:
-                        self.virnuc(spec, model, limit)
-                    except Exception as exc:
-                        self.failed(spec, model, "-", 0, exc)
-                    continue
-                if weights is None:
-                    _, weights, seconds = canonical_weights_torch(model, self.args.seed)
-                    print(f"[bench] {model}: random weights in {seconds:.0f} s", file=sys.stderr)
-                self.torch_peer(spec, model, limit, config, weights)
+            for index in range(self.rounds):
+                self.round = index
+                if self.rounds > 1:
+                    print(f"[bench] {model}: round {index + 1} of {self.rounds}", file=sys.stderr)
+                for spec in round_order(self.runs, index):
+                    if spec.tool == "virnuc-trt":
+                        try:
+                            self.virnuc(spec, model, limit)
+                        except Exception as exc:
+                            self.failed(spec, model, "-", 0, exc)
+                        continue
+                    if weights is None:
+                        _, weights, seconds = canonical_weights_torch(model, self.args.seed)
+                        print(f"[bench] {model}: random weights in {seconds:.0f} s", file=sys.stderr)
+                    self.torch_peer(spec, model, limit, config, weights)
             weights = None
         return self.save()
 

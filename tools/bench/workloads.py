@@ -1,6 +1,7 @@
 """The two benchmark workloads, as protein FASTA files every tool reads:
 
-- `chunk500`: what VirNucPro embeds — the real genomes cut into 500 bp chunks, translated in six frames,
+- `chunk500`: what VirNucPro embeds — the real genomes (tests/fixtures: Klebsiella HS11286, phage lambda)
+  cut into 500 bp chunks, translated in six frames,
   stop-free frames kept — made by `virnuc-trt translate` (the product's own translator; there is
   deliberately no second one in Python). A seeded sample of the translated pool reaches the token target.
 - `broad`: synthetic proteins, log-normal lengths clipped to 50-1024 tokens (48-1022 residues, fair-esm's

@@ -7,7 +7,7 @@
 # <tag>-650M.{md,json,log}, <tag>-3B.*, checks.jsonl.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-tag="${1:-e2e-s2}"
+tag="${1:-e2e}"
 out="${OUT:-/tmp/e2e_flavors}"; mkdir -p "$out"
 work="${TMPDIR:-/tmp}/bw"
 # shellcheck disable=SC1091

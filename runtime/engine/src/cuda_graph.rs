@@ -8,7 +8,7 @@
 //! overhead of a few thousand kernels per pack. Which wins is measured per model and GPU: the build
 //! records both and keeps graphs only when they are faster.
 //!
-//! Not exercised on this machine (no GPU); the lead's GPU run (`tools/gpu/build_gate.sh`) measures it.
+//! Not exercised in CI (no GPU); `tools/gpu/build_gate.sh` on a GPU machine measures it.
 
 use crate::Result;
 use crate::engine_build::BuildOptions;

@@ -1,6 +1,6 @@
 //! TensorRT execution-provider configuration for an engine folder, as pure functions.
 //!
-//! TensorRT cannot be installed in this workplace, so this logic is what can be tested here: which
+//! TensorRT was not available where this was developed, so this logic is what can be tested here: which
 //! `trt_*` options a packed ESM-2 graph needs, and that they cover the tuned token budget. Everything
 //! lives in the engine folder, per GPU: the engine cache and timing cache (`DIR/trt/`), the EP-context
 //! model (`DIR/model_ctx.onnx`, a graph that embeds or points to the built engine so that production

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes a metagenome-like FASTA for the data-path benchmark (never committed).
 
-Contigs and reads are cut from the real genomes in ../shared/data (Klebsiella chromosome and plasmids,
+Contigs and reads are cut from the real genomes in tests/fixtures (Klebsiella chromosome and plasmids,
 phage lambda), on either strand, with lengths drawn log-uniformly (150 bp reads to 50 kb contigs),
 about 1% substitutions and a sprinkle of N runs, so that the coding density, stop-codon statistics and
 length mix resemble an assembled metagenome rather than random DNA (where almost every 500 bp frame
@@ -48,7 +48,8 @@ def mutate(seq: bytearray, rng: random.Random, rate: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "../shared/data")
+    fixtures = Path(__file__).resolve().parents[3] / "tests" / "fixtures"
+    parser.add_argument("--data", type=Path, default=fixtures)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--gb", type=float, default=1.0, help="size of the sequence written, in GB")
     parser.add_argument("--seed", type=int, default=7)

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 out=${1:-/tmp/virnuc-bench-data}
-data=${VIRNUC_DATA:-../shared/data}
+data=${VIRNUC_DATA:-tests/fixtures}
 mkdir -p "$out"
 cargo build --release -p virnuc-data --example bench_pipeline
 bench=${CARGO_TARGET_DIR:-target}/release/examples/bench_pipeline

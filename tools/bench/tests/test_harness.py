@@ -128,3 +128,65 @@ def test_the_default_binary_is_the_newer_build(tmp_path: Path) -> None:
     assert run.default_binary(staged, built) == staged
     assert "sha256 " in run.binary_identity(built)
     assert run.binary_identity(tmp_path / "nope").endswith("(missing)")
+
+
+def test_rounds_alternate_the_order_of_the_tools():
+    runs = run.expand_runs(_args(), cuda=False)
+    assert run.round_order(runs, 0) == runs
+    assert run.round_order(runs, 1) == list(reversed(runs))
+    assert run.round_order(runs, 2) == runs
+
+
+def _row(tool: str, seconds: float, rnd: int, **kw: object) -> dict[str, object]:
+    base = {"model": "m", "workload": "w", "tool": tool, "precision": "fp32", "budget": 2048}
+    base |= {"attention": "x", "tokens": 1000, "sequences": 10, "seconds": seconds, "round": rnd}
+    base |= {"padding_pct": 0.0}
+    if "error" not in kw:
+        base |= {"tok_s": 1000 / seconds, "seq_s": 10 / seconds, "limit_pct": 50.0 * 2.0 / seconds}
+    return base | kw
+
+
+def test_rounds_give_min_and_median_per_tool():
+    rows = [
+        _row("a", 4.0, 0, output="a0"),
+        _row("b", 2.0, 0),
+        _row("b", 3.0, 1),
+        _row("a", 1.0, 1, output="a1"),
+        _row("a", 2.0, 2, output="a2"),
+        _row("b", 0.0, 2, error="boom"),
+    ]
+    a, b = run.aggregate_rounds(rows)
+    assert (a["tool"], a["rounds"], a["round_seconds"]) == ("a", 3, [4.0, 1.0, 2.0])
+    assert a["seconds"] == 2.0 and a["seconds_min"] == 1.0
+    assert a["tok_s"] == pytest.approx(500.0) and a["tok_s_best"] == pytest.approx(1000.0)
+    assert a["seq_s"] == pytest.approx(5.0) and a["limit_pct"] == pytest.approx(50.0)
+    assert a["output"] == "a2" and "round" not in a  # the median round's own figures
+    # An even count: the median is the mean of the middle two; a failed round is counted, not timed.
+    assert b["seconds"] == 2.5 and b["seconds_min"] == 2.0 and b["failed_rounds"] == 1
+    only_errors = run.aggregate_rounds([_row("c", 0.0, 0, error="x"), _row("c", 0.0, 1, error="y")])
+    assert len(only_errors) == 1 and only_errors[0]["error"] == "y"
+    md = report.markdown(
+        {
+            "context": {
+                "mode": "cpu",
+                "device": {"name": "cpu", "driver": "-"},
+                "date": "d",
+                "command": "c",
+                "software": "s",
+                "seed": 1,
+                "rounds": 3,
+                "ceiling_tflops": 0.1,
+                "limits": {},
+                "workloads": {},
+            },
+            "rows": [a],
+        }
+    )
+    assert "3 alternating rounds" in md and "500 (best 1.0k)" in md and "2.0 (min 1.0)" in md
+
+
+def test_a_fresh_clone_has_the_chunk500_genomes():
+    # The default data folder is inside the repository, not ../shared.
+    assert run.DEFAULT_DATA.is_relative_to(run.REPO)
+    for g in workloads.GENOMES:
+        assert (run.DEFAULT_DATA / g).stat().st_size > 40_000, g

@@ -1,7 +1,7 @@
 //! The TensorRT execution provider. Built only with the `tensorrt` feature (ripgrep's
 //! `enabled.rs` / `disabled.rs` swap): without it, asking for TensorRT says "not enabled in this
 //! build" instead of failing to compile. TensorRT itself (libnvinfer) is loaded by ONNX Runtime at run
-//! time; it cannot be installed in this workplace, so this path is built but not run here.
+//! time; it was not available where this was developed, so this path is built but not run here.
 
 #[cfg(all(feature = "tensorrt", feature = "cuda"))]
 mod enabled;
