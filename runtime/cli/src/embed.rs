@@ -607,6 +607,7 @@ mod tests {
             b.push(
                 SequenceMeta {
                     index: i as u64,
+                    record: 0,
                     id: format!("s{i}"),
                     residues: (*len - 2) as u32,
                 },

@@ -3,6 +3,7 @@
 //! ```text
 //! virnuc-trt embed reads.fa --model out/esm2_t36_3B --out embeddings.h5      # FASTA → HDF5
 //! virnuc-trt translate contigs.fa --chunk 500 -o proteins.fa                 # what embed would send
+//! virnuc-trt merge part0.h5 part1.h5 part2.h5 -o all.h5                     # join --input-shard runs
 //! ```
 //!
 //! Exit status: 0 success (also when the reader of standard output goes away), 1 failure,
@@ -15,6 +16,7 @@ use clap::{Parser, Subcommand};
 mod build_cmd;
 mod embed;
 mod gate_cmd;
+mod merge_cmd;
 mod settings;
 mod translate;
 
@@ -43,6 +45,10 @@ enum Command {
     Build(Box<build_cmd::BuildArgs>),
     /// Accuracy gate: a candidate engine's embeddings against a reference; exit 0 pass, 1 fail.
     Gate(Box<gate_cmd::GateArgs>),
+    /// Join the outputs of `embed --input-shard I/N` (every I of one N) into one file in input
+    /// order, as one run over the whole input writes it; parts of different runs, a missing or a
+    /// repeated shard are refused.
+    Merge(Box<merge_cmd::MergeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
         Command::Translate(args) => translate::run(args),
         Command::Build(args) => build_cmd::run(args),
         Command::Gate(args) => gate_cmd::run(args),
+        Command::Merge(args) => merge_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

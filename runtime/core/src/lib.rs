@@ -5,7 +5,7 @@
 //! ```
 //! use virnuc_core::{PackedBatch, SequenceMeta, alphabet};
 //! let mut batch = PackedBatch::default();
-//! batch.push(SequenceMeta { index: 0, id: "seq1".into(), residues: 2 }, &[alphabet::CLS, 5, 6, alphabet::EOS]);
+//! batch.push(SequenceMeta { index: 0, record: 0, id: "seq1".into(), residues: 2 }, &[alphabet::CLS, 5, 6, alphabet::EOS]);
 //! assert_eq!(batch.cu_seqlens, vec![0, 4]);
 //! assert_eq!(batch.position_ids, vec![0, 1, 2, 3]);
 //! ```
@@ -40,6 +40,11 @@ pub enum CoreError {
 pub struct SequenceMeta {
     /// Position of this sequence in the output (input order after chunking/translation), from 0.
     pub index: u64,
+    /// 0-based position of the input record this sequence comes from (all input files in order,
+    /// empty records and other shards' records counted): the same in every `--input-shard` run, so
+    /// `merge` restores the input order from it. A record's sequences are consecutive.
+    #[serde(default)]
+    pub record: u64,
     /// Output id, e.g. `contig7_chunk_2F1` in nucleotide mode or the FASTA id in protein mode.
     pub id: String,
     /// Residues, `<cls>`/`<eos>` excluded.

@@ -216,6 +216,7 @@ mod tests {
         PackItem {
             meta: SequenceMeta {
                 index,
+                record: 0,
                 id: format!("s{index}"),
                 residues: residues as u32,
             },

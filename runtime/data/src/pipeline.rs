@@ -192,6 +192,8 @@ struct RecordBatch {
     seqs: Vec<u8>,
     seq_ends: Vec<usize>,
     parts: Vec<Option<Part>>,
+    /// Input position of each record ([`SequenceMeta::record`]).
+    ordinals: Vec<u64>,
 }
 
 /// Tokenized sequences of one batch, concatenated.
@@ -201,6 +203,8 @@ struct TokenBatch {
     id_ends: Vec<usize>,
     tokens: Vec<u8>,
     token_ends: Vec<usize>,
+    /// Input position of the record each sequence comes from.
+    records: Vec<u64>,
     stats: StageStats,
 }
 
@@ -353,10 +357,12 @@ impl BatchSender {
         b.id_ends.truncate(keep);
         b.seq_ends.truncate(keep);
         b.parts.truncate(keep);
+        b.ordinals.truncate(keep);
     }
 
-    fn push(&mut self, id: &str, seq: &[u8], part: Option<Part>) {
+    fn push(&mut self, ordinal: u64, id: &str, seq: &[u8], part: Option<Part>) {
         let b = &mut self.batch;
+        b.ordinals.push(ordinal);
         b.ids.push_str(id);
         b.id_ends.push(b.ids.len());
         b.seqs.extend_from_slice(seq);
@@ -369,9 +375,9 @@ impl BatchSender {
 
     /// Queues a record; a nucleotide record longer than a batch is cut into parts at chunk
     /// boundaries so that several workers share it.
-    fn record(&mut self, id: &str, seq: &[u8], stage: &StageConfig) {
+    fn record(&mut self, ordinal: u64, id: &str, seq: &[u8], stage: &StageConfig) {
         if stage.mode != Mode::Nucleotide || seq.len() <= BATCH_BYTES {
-            self.push(id, seq, None);
+            self.push(ordinal, id, seq, None);
             return;
         }
         let per_part = (BATCH_BYTES / stage.chunk_len).max(1);
@@ -385,7 +391,7 @@ impl BatchSender {
                 count: group.len(),
                 offset: start,
             };
-            self.push(id, &seq[start..end], Some(part));
+            self.push(ordinal, id, &seq[start..end], Some(part));
             if !self.open {
                 return;
             }
@@ -428,13 +434,13 @@ fn reader_loop(
                 last_file = Some(r.file);
                 out.file_start = out.batch.seq_ends.len();
             }
-            let mine = shard.is_none_or(|s| s.takes(ordinal));
+            let here = ordinal;
             ordinal += 1;
-            if !mine {
+            if !shard.is_none_or(|s| s.takes(here)) {
                 others.records += 1;
                 others.empty += u64::from(r.seq.is_empty());
             } else if !r.seq.is_empty() {
-                out.record(r.id, r.seq, &stage);
+                out.record(here, r.id, r.seq, &stage);
             }
         }) {
             Ok(true) => {}
@@ -478,7 +484,12 @@ fn process_batch(processor: &mut RecordProcessor, batch: &RecordBatch) -> TokenB
     let mut out = TokenBatch::default();
     let mut id_start = 0;
     let mut seq_start = 0;
-    for ((&id_end, &seq_end), &part) in batch.id_ends.iter().zip(&batch.seq_ends).zip(&batch.parts)
+    for (((&id_end, &seq_end), &part), &ordinal) in batch
+        .id_ends
+        .iter()
+        .zip(&batch.seq_ends)
+        .zip(&batch.parts)
+        .zip(&batch.ordinals)
     {
         let id = &batch.ids[id_start..id_end];
         let seq = &batch.seqs[seq_start..seq_end];
@@ -488,6 +499,7 @@ fn process_batch(processor: &mut RecordProcessor, batch: &RecordBatch) -> TokenB
             out.id_ends.push(out.ids.len());
             unknown += tokenize(residues, &mut out.tokens);
             out.token_ends.push(out.tokens.len());
+            out.records.push(ordinal);
         });
         out.stats.unknown_residues += unknown as u64;
         id_start = id_end;
@@ -522,7 +534,12 @@ fn packer_loop(
                     outcome.stages.add(&batch.stats);
                     let mut id_start = 0;
                     let mut tok_start = 0;
-                    for (&id_end, &tok_end) in batch.id_ends.iter().zip(&batch.token_ends) {
+                    for ((&id_end, &tok_end), &record) in batch
+                        .id_ends
+                        .iter()
+                        .zip(&batch.token_ends)
+                        .zip(&batch.records)
+                    {
                         let index = next_index;
                         next_index += 1;
                         let (id, tokens) = (
@@ -537,6 +554,7 @@ fn packer_loop(
                         }
                         let meta = SequenceMeta {
                             index,
+                            record,
                             id: id.to_string(),
                             residues: (tokens.len() - 2) as u32,
                         };

@@ -73,6 +73,7 @@ fn push_sequence(batch: &mut PackedBatch, rng: &mut SplitMix, index: u64, len: u
     batch.push(
         SequenceMeta {
             index,
+            record: 0,
             id: format!("synthetic{index}"),
             residues: (len - 2) as u32,
         },
@@ -169,6 +170,7 @@ pub fn pad_to_shape(
         out.push(
             SequenceMeta {
                 index: u64::MAX,
+                record: 0,
                 id: String::new(),
                 residues: (len - 2) as u32,
             },

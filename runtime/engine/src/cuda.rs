@@ -262,6 +262,7 @@ mod ort_flavor_tests {
         batch.push(
             SequenceMeta {
                 index: 0,
+                record: 0,
                 id: "s".into(),
                 residues: (tokens - 2) as u32,
             },

@@ -13,7 +13,7 @@
 //! let options = EngineOptions::new("out/demo/model", Ep::Cpu);
 //! let mut engine = open_engine(&options)?;
 //! let mut batch = PackedBatch::default();
-//! batch.push(SequenceMeta { index: 0, id: "p".into(), residues: 2 }, &[alphabet::CLS, 5, 6, alphabet::EOS]);
+//! batch.push(SequenceMeta { index: 0, record: 0, id: "p".into(), residues: 2 }, &[alphabet::CLS, 5, 6, alphabet::EOS]);
 //! let out = engine.embed(&batch)?;
 //! assert_eq!(out.mean.len(), out.hidden_size);
 //! # Ok(()) }
@@ -219,6 +219,7 @@ pub fn warmup_batch(tokens: usize, max_residues: usize) -> PackedBatch {
         batch.push(
             SequenceMeta {
                 index,
+                record: 0,
                 id: format!("warmup{index}"),
                 residues: (len - 2) as u32,
             },

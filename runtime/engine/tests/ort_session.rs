@@ -86,6 +86,7 @@ fn pack(seqs: &[Vec<u8>]) -> PackedBatch {
         b.push(
             SequenceMeta {
                 index: i as u64,
+                record: 0,
                 id: format!("s{i}"),
                 residues: (s.len() - 2) as u32,
             },

@@ -7,10 +7,13 @@
 //! | `sequence_ids`   | `[N]`              | variable-length UTF-8   |
 //! | `embeddings`     | `[N, H]`           | float32 or float16      |
 //! | `lengths`        | `[N]`              | uint32 (residues)       |
+//! | `input_record`   | `[N]`              | uint64                  |
 //! | `token_states`   | `[total, H]`       | optional, residues only |
 //! | `token_offsets`  | `[N + 1]`          | optional, uint64        |
 //!
-//! Row `i` is input sequence `i`; the states of sequence `i` are
+//! Row `i` is input sequence `i`; `input_record[i]` is the 0-based position (all input files in
+//! order) of the record it comes from, which lets [`merge_outputs`] join `--input-shard` parts in
+//! input order. The states of sequence `i` are
 //! `token_states[token_offsets[i]..token_offsets[i + 1]]` (`<cls>`/`<eos>` excluded, as fair-esm's
 //! `per_tok` output). File attributes are the caller's key/value strings. Nothing run-dependent is
 //! stored and HDF5 object times are off, so equal inputs give byte-identical files.
@@ -38,7 +41,7 @@
 //!     shard_sequences: 1000,
 //! };
 //! let mut writer = EmbeddingWriter::open(config)?;
-//! let seq = |index: u64, id: &str| SequenceMeta { index, id: id.into(), residues: 5 };
+//! let seq = |index: u64, id: &str| SequenceMeta { index, record: index, id: id.into(), residues: 5 };
 //! // Out of order, as FFD packs arrive.
 //! writer.write_pack(&[seq(1, "b")], &[3.0, 4.0], None)?;
 //! writer.write_pack(&[seq(0, "a")], &[1.0, 2.0], None)?;
@@ -58,10 +61,12 @@ use virnuc_core::SequenceMeta;
 
 mod journal;
 mod merge;
+mod parts;
 pub mod ranges;
 mod shard;
 pub mod synthetic;
 
+pub use parts::{DEFAULT_BLOCK_ROWS, MergeSummary, merge_outputs};
 use ranges::IndexSet;
 use shard::{Layout, Pending, ShardReader};
 
@@ -195,6 +200,28 @@ pub enum OutputError {
         #[source]
         source: hdf5::Error,
     },
+    #[error("{path} is not a part `merge` can join: {message}")]
+    NotAPart { path: PathBuf, message: String },
+    #[error("{first} and {other} are not parts of one run: their {what} differ")]
+    PartsDiffer {
+        first: PathBuf,
+        other: PathBuf,
+        what: String,
+    },
+    #[error("shard {shard} is given twice: {first} and {second}")]
+    ShardTwice {
+        shard: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("{missing} of the {count} shards are missing: {shown}")]
+    ShardsMissing {
+        missing: u64,
+        count: u64,
+        shown: String,
+    },
+    #[error("{path} is damaged or mislabelled: {message}")]
+    PartOrder { path: PathBuf, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -209,7 +236,7 @@ struct Settings {
     attributes: Vec<(String, String)>,
 }
 
-const SETTINGS_FORMAT: &str = "virnuc-output/1";
+const SETTINGS_FORMAT: &str = "virnuc-output/2";
 const SETTINGS: &str = "settings.json";
 const JOURNAL: &str = "journal";
 const LOCK: &str = "lock";
@@ -594,8 +621,14 @@ impl EmbeddingWriter {
                 }
                 None => None,
             };
-            self.pending
-                .push(seq.index, seq.residues, &seq.id, &self.mean_buf, tokens);
+            self.pending.push(
+                seq.index,
+                seq.record,
+                seq.residues,
+                &seq.id,
+                &self.mean_buf,
+                tokens,
+            );
             if self.pending.len() >= self.config.shard_sequences
                 || self.pending.bytes() >= MAX_SHARD_BYTES
             {

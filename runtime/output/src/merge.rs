@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
 
-use hdf5::file::MetadataCacheConfig;
+use hdf5::file::{AttrCreationOrder, MetadataCacheConfig};
 use hdf5::types::VarLenUnicode;
 use hdf5::{Dataset, H5Type};
 
@@ -273,6 +273,248 @@ pub(crate) struct Written {
     pub token_rows: u64,
 }
 
+/// The final file's datasets, filled row by row in output order, a whole number of chunks at a
+/// time. Shared by the end of a run ([`write_final`]) and by [`crate::parts::merge_outputs`], so a
+/// merged file is laid out exactly as a single run's.
+pub(crate) struct FinalWriter {
+    path: PathBuf,
+    file: hdf5::File,
+    layout: Layout,
+    expected: u64,
+    ids: Rows<VarLenUnicode>,
+    embeddings: FloatRows,
+    lengths: Rows<u32>,
+    records: Rows<u64>,
+    per_token: Option<(FloatRows, Rows<u64>)>,
+    next: u64,
+    tokens_so_far: u64,
+}
+
+impl FinalWriter {
+    /// Creates `path` for `expected` rows and `token_rows` per-token rows, attributes first (in
+    /// this order; HDF5 keeps it).
+    pub fn create(
+        path: &Path,
+        layout: Layout,
+        attributes: &[(String, String)],
+        expected: u64,
+        token_rows: u64,
+    ) -> Result<Self, OutputError> {
+        let h5 = |what: &'static str| {
+            move |source| OutputError::Hdf5 {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        // HDF5's metadata cache grows to 32 MiB by default, mostly with the global heap of the
+        // variable-length ids; 4 MiB keeps the merge's memory small at no measurable cost (every
+        // object is written once, in order).
+        let metadata_cache = MetadataCacheConfig {
+            initial_size: 1 << 20,
+            min_size: 1 << 20,
+            max_size: 4 << 20,
+            ..MetadataCacheConfig::default()
+        };
+        let file = hdf5::File::with_options()
+            // Attribute creation order is kept so that `merge` can copy the attributes in the
+            // order the run wrote them (the file then equals a single run's byte for byte).
+            .with_fcpl(|p| {
+                p.obj_track_times(false)
+                    .attr_creation_order(AttrCreationOrder::Indexed)
+            })
+            // The output is private to this process until renamed; HDF5's own flock only fails on
+            // file systems without locks (some NFS mounts).
+            .with_fapl(|p| p.file_locking(false).mdc_config(&metadata_cache))
+            .create(path)
+            .map_err(h5("file"))?;
+        for (key, value) in attributes {
+            let value: VarLenUnicode = value.parse().map_err(|e| OutputError::InvalidConfig {
+                message: format!("attribute {key}: {e}"),
+            })?;
+            file.new_attr::<VarLenUnicode>()
+                .create(key.as_str())
+                .and_then(|a| a.write_scalar(&value))
+                .map_err(h5("attribute"))?;
+        }
+        let n = usize::try_from(expected).map_err(|_| {
+            OutputError::Internal(format!("{expected} sequences do not fit in memory"))
+        })?;
+        let h = layout.hidden;
+        // A variable-length string element is a 16-byte global-heap reference, but writing one
+        // also allocates its string (here and in HDF5's heap), so id chunks hold a fixed 4096 rows
+        // rather than 512 KiB of references.
+        let ids_chunk = IDS_CHUNK_ROWS.min(n);
+        let ids = Rows::<VarLenUnicode>::new(
+            new_dataset::<VarLenUnicode>(&file, "sequence_ids", &[n], &[ids_chunk], path)?,
+            "sequence_ids",
+            1,
+            ids_chunk,
+        );
+        let emb_chunk = chunk_rows(expected, layout.row_bytes());
+        let float_rows =
+            |name: &'static str, rows: usize, chunk: usize| -> Result<_, OutputError> {
+                Ok(match layout.dtype {
+                    crate::OutputDtype::F32 => FloatRows::F32(Rows::new(
+                        new_dataset::<f32>(&file, name, &[rows, h], &[chunk, h], path)?,
+                        name,
+                        h,
+                        chunk,
+                    )),
+                    crate::OutputDtype::F16 => FloatRows::F16(Rows::new(
+                        new_dataset::<half::f16>(&file, name, &[rows, h], &[chunk, h], path)?,
+                        name,
+                        h,
+                        chunk,
+                    )),
+                })
+            };
+        let embeddings = float_rows("embeddings", n, emb_chunk)?;
+        let len_chunk = chunk_rows(expected, 4);
+        let lengths = Rows::<u32>::new(
+            new_dataset::<u32>(&file, "lengths", &[n], &[len_chunk], path)?,
+            "lengths",
+            1,
+            len_chunk,
+        );
+        let rec_chunk = chunk_rows(expected, 8);
+        let records = Rows::<u64>::new(
+            new_dataset::<u64>(&file, "input_record", &[n], &[rec_chunk], path)?,
+            "input_record",
+            1,
+            rec_chunk,
+        );
+        let mut per_token = if layout.per_token {
+            let t = usize::try_from(token_rows)
+                .map_err(|_| OutputError::Internal(format!("{token_rows} token rows")))?;
+            let tok_chunk = chunk_rows(token_rows, layout.row_bytes());
+            let off_chunk = chunk_rows(expected + 1, 8);
+            let states = float_rows("token_states", t, tok_chunk)?;
+            let offsets = Rows::<u64>::new(
+                new_dataset::<u64>(&file, "token_offsets", &[n + 1], &[off_chunk], path)?,
+                "token_offsets",
+                1,
+                off_chunk,
+            );
+            Some((states, offsets))
+        } else {
+            None
+        };
+        if let Some((_, offsets)) = per_token.as_mut() {
+            offsets.push([0u64], path)?;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            layout,
+            expected,
+            ids,
+            embeddings,
+            lengths,
+            records,
+            per_token,
+            next: 0,
+            tokens_so_far: 0,
+        })
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.next
+    }
+
+    /// Appends the next row: its mean row and (per-token output) its residue rows, little-endian
+    /// in the output dtype.
+    pub fn push(
+        &mut self,
+        id: &str,
+        residues: u32,
+        record: u64,
+        mean: &[u8],
+        tokens: &[u8],
+    ) -> Result<(), OutputError> {
+        let path = self.path.as_path();
+        if self.next >= self.expected {
+            return Err(OutputError::OutOfRange {
+                index: self.next,
+                expected: self.expected,
+            });
+        }
+        let token_bytes = if self.layout.per_token {
+            residues as usize * self.layout.row_bytes()
+        } else {
+            0
+        };
+        if mean.len() != self.layout.row_bytes() || tokens.len() != token_bytes {
+            return Err(OutputError::Internal(format!(
+                "row {} ({id}): {} mean and {} token bytes, expected {} and {token_bytes}",
+                self.next,
+                mean.len(),
+                tokens.len(),
+                self.layout.row_bytes()
+            )));
+        }
+        let value: VarLenUnicode = id.parse().map_err(|_| OutputError::InvalidId {
+            index: self.next,
+            id: id.to_string(),
+        })?;
+        self.ids.push([value], path)?;
+        self.embeddings.push_le(mean, path)?;
+        self.lengths.push([residues], path)?;
+        self.records.push([record], path)?;
+        if let Some((states, offsets)) = self.per_token.as_mut() {
+            states.push_le(tokens, path)?;
+            self.tokens_so_far += u64::from(residues);
+            offsets.push([self.tokens_so_far], path)?;
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Writes what is buffered and closes the file; every one of the `expected` rows must be there.
+    pub fn finish(self) -> Result<Written, OutputError> {
+        let Self {
+            path,
+            file,
+            expected,
+            mut ids,
+            mut embeddings,
+            mut lengths,
+            mut records,
+            per_token,
+            next,
+            tokens_so_far,
+            ..
+        } = self;
+        if next != expected {
+            return Err(OutputError::Missing {
+                index: next,
+                missing: expected - next,
+                expected,
+            });
+        }
+        let path = path.as_path();
+        ids.flush(true, path)?;
+        embeddings.flush(path)?;
+        lengths.flush(true, path)?;
+        records.flush(true, path)?;
+        if let Some((mut states, mut offsets)) = per_token {
+            states.flush(path)?;
+            offsets.flush(true, path)?;
+        }
+        // Every dataset handle must be closed before the file, or H5Fclose leaves it open.
+        drop((ids, embeddings, lengths, records));
+        file.close().map_err(|source| OutputError::Hdf5 {
+            path: path.to_path_buf(),
+            what: "close",
+            source,
+        })?;
+        Ok(Written {
+            token_rows: tokens_so_far,
+        })
+    }
+}
+
 /// Writes the final HDF5 file at `path` from sorted `runs` covering exactly `0..expected`.
 pub(crate) fn write_final(
     path: &Path,
@@ -282,103 +524,13 @@ pub(crate) fn write_final(
     expected: u64,
     token_rows: u64,
 ) -> Result<Written, OutputError> {
-    let h5 = |what: &'static str| {
-        move |source| OutputError::Hdf5 {
-            path: path.to_path_buf(),
-            what,
-            source,
-        }
-    };
-    // HDF5's metadata cache grows to 32 MiB by default, mostly with the global heap of the
-    // variable-length ids; 4 MiB keeps the merge's memory small at no measurable cost (every
-    // object is written once, in order).
-    let metadata_cache = MetadataCacheConfig {
-        initial_size: 1 << 20,
-        min_size: 1 << 20,
-        max_size: 4 << 20,
-        ..MetadataCacheConfig::default()
-    };
-    let file = hdf5::File::with_options()
-        .with_fcpl(|p| p.obj_track_times(false))
-        // The output is private to this process until renamed; HDF5's own flock only fails on
-        // file systems without locks (some NFS mounts).
-        .with_fapl(|p| p.file_locking(false).mdc_config(&metadata_cache))
-        .create(path)
-        .map_err(h5("file"))?;
-    for (key, value) in attributes {
-        let value: VarLenUnicode = value.parse().map_err(|e| OutputError::InvalidConfig {
-            message: format!("attribute {key}: {e}"),
-        })?;
-        file.new_attr::<VarLenUnicode>()
-            .create(key.as_str())
-            .and_then(|a| a.write_scalar(&value))
-            .map_err(h5("attribute"))?;
-    }
-    let n = usize::try_from(expected)
-        .map_err(|_| OutputError::Internal(format!("{expected} sequences do not fit in memory")))?;
-    let h = layout.hidden;
-    // A variable-length string element is a 16-byte global-heap reference, but writing one also
-    // allocates its string (here and in HDF5's heap), so id chunks hold a fixed 4096 rows rather
-    // than 512 KiB of references.
-    let ids_chunk = IDS_CHUNK_ROWS.min(n);
-    let mut ids = Rows::<VarLenUnicode>::new(
-        new_dataset::<VarLenUnicode>(&file, "sequence_ids", &[n], &[ids_chunk], path)?,
-        "sequence_ids",
-        1,
-        ids_chunk,
-    );
-    let emb_chunk = chunk_rows(expected, layout.row_bytes());
-    let float_rows = |name: &'static str, rows: usize, chunk: usize| -> Result<_, OutputError> {
-        Ok(match layout.dtype {
-            crate::OutputDtype::F32 => FloatRows::F32(Rows::new(
-                new_dataset::<f32>(&file, name, &[rows, h], &[chunk, h], path)?,
-                name,
-                h,
-                chunk,
-            )),
-            crate::OutputDtype::F16 => FloatRows::F16(Rows::new(
-                new_dataset::<half::f16>(&file, name, &[rows, h], &[chunk, h], path)?,
-                name,
-                h,
-                chunk,
-            )),
-        })
-    };
-    let mut embeddings = float_rows("embeddings", n, emb_chunk)?;
-    let len_chunk = chunk_rows(expected, 4);
-    let mut lengths = Rows::<u32>::new(
-        new_dataset::<u32>(&file, "lengths", &[n], &[len_chunk], path)?,
-        "lengths",
-        1,
-        len_chunk,
-    );
-    let mut per_token = if layout.per_token {
-        let t = usize::try_from(token_rows)
-            .map_err(|_| OutputError::Internal(format!("{token_rows} token rows")))?;
-        let tok_chunk = chunk_rows(token_rows, layout.row_bytes());
-        let off_chunk = chunk_rows(expected + 1, 8);
-        let states = float_rows("token_states", t, tok_chunk)?;
-        let offsets = Rows::<u64>::new(
-            new_dataset::<u64>(&file, "token_offsets", &[n + 1], &[off_chunk], path)?,
-            "token_offsets",
-            1,
-            off_chunk,
-        );
-        Some((states, offsets))
-    } else {
-        None
-    };
-    if let Some((_, offsets)) = per_token.as_mut() {
-        offsets.push([0u64], path)?;
-    }
-
+    let mut out = FinalWriter::create(path, layout, attributes, expected, token_rows)?;
     let mut merger = Merger::new(runs, layout)?;
-    let mut next = 0u64;
-    let mut tokens_so_far = 0u64;
     let mut mean = vec![0u8; layout.row_bytes()];
     let mut tokens = Vec::new();
     while let Some((head, i)) = merger.pop() {
         // The index set was verified before the merge; this guards the merge itself.
+        let next = out.rows();
         if head.index != next {
             return Err(if head.index < next {
                 OutputError::Duplicate {
@@ -401,40 +553,9 @@ pub(crate) fn write_final(
         tokens.resize(token_bytes, 0);
         merger.reader(i)?.read_payload(&mut mean, &mut tokens)?;
         merger.advance(i)?;
-        let id: VarLenUnicode = head.id.parse().map_err(|_| OutputError::InvalidId {
-            index: head.index,
-            id: head.id.clone(),
-        })?;
-        ids.push([id], path)?;
-        embeddings.push_le(&mean, path)?;
-        lengths.push([head.residues], path)?;
-        if let Some((states, offsets)) = per_token.as_mut() {
-            states.push_le(&tokens, path)?;
-            tokens_so_far += u64::from(head.residues);
-            offsets.push([tokens_so_far], path)?;
-        }
-        next += 1;
+        out.push(&head.id, head.residues, head.record, &mean, &tokens)?;
     }
-    if next != expected {
-        return Err(OutputError::Missing {
-            index: next,
-            missing: expected - next,
-            expected,
-        });
-    }
-    ids.flush(true, path)?;
-    embeddings.flush(path)?;
-    lengths.flush(true, path)?;
-    if let Some((mut states, mut offsets)) = per_token {
-        states.flush(path)?;
-        offsets.flush(true, path)?;
-    }
-    // Every dataset handle must be closed before the file, or H5Fclose leaves it open.
-    drop((ids, embeddings, lengths));
-    file.close().map_err(h5("close"))?;
-    Ok(Written {
-        token_rows: tokens_so_far,
-    })
+    out.finish()
 }
 
 /// The first of `attributes` whose value in the finished output at `path` differs (or is missing

@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! header, 48 bytes
-//!   0..8    magic  b"VNUCSHD1"
+//!   0..8    magic  b"VNUCSHD2"
 //!   8..12   hidden size H (u32)
 //!   12      element type: 0 = f32, 1 = f16
 //!   13      per-token states present: 0 | 1
@@ -20,7 +20,8 @@
 //!   40..44  CRC-32 of the payload
 //!   44..48  CRC-32 of bytes 0..44
 //! payload: records sorted by index, each
-//!   index u64 | residues u32 | id length u32 | id (UTF-8) | mean [H] | token states [residues, H]
+//!   index u64 | input record u64 | residues u32 | id length u32 | id (UTF-8) | mean [H]
+//!   | token states [residues, H]
 //! ```
 
 use std::fs::File;
@@ -29,10 +30,10 @@ use std::path::{Path, PathBuf};
 
 use crate::{OutputDtype, OutputError};
 
-pub(crate) const MAGIC: &[u8; 8] = b"VNUCSHD1";
+pub(crate) const MAGIC: &[u8; 8] = b"VNUCSHD2";
 pub(crate) const HEADER_LEN: u64 = 48;
 /// Fixed part of a record before the id.
-const RECORD_HEAD: usize = 16;
+const RECORD_HEAD: usize = 24;
 
 /// What every shard of one output shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +143,7 @@ impl Pending {
     pub fn push(
         &mut self,
         index: u64,
+        record: u64,
         residues: u32,
         id: &str,
         mean: &[u8],
@@ -149,6 +151,7 @@ impl Pending {
     ) {
         let start = self.data.len();
         self.data.extend_from_slice(&index.to_le_bytes());
+        self.data.extend_from_slice(&record.to_le_bytes());
         self.data.extend_from_slice(&residues.to_le_bytes());
         self.data
             .extend_from_slice(&(id.len() as u32).to_le_bytes());
@@ -198,6 +201,8 @@ impl Pending {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RecordHead {
     pub index: u64,
+    /// Input position of the sequence's record ([`virnuc_core::SequenceMeta::record`]).
+    pub record: u64,
     pub residues: u32,
     pub id: String,
 }
@@ -287,8 +292,10 @@ impl ShardReader {
         let mut x = [0u8; 8];
         x.copy_from_slice(&fixed[0..8]);
         let index = u64::from_le_bytes(x);
-        let residues = u32::from_le_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
-        let id_len = u32::from_le_bytes([fixed[12], fixed[13], fixed[14], fixed[15]]) as usize;
+        x.copy_from_slice(&fixed[8..16]);
+        let record = u64::from_le_bytes(x);
+        let residues = u32::from_le_bytes([fixed[16], fixed[17], fixed[18], fixed[19]]);
+        let id_len = u32::from_le_bytes([fixed[20], fixed[21], fixed[22], fixed[23]]) as usize;
         let mut id = vec![0u8; id_len];
         self.read_exact(&mut id)?;
         let id = String::from_utf8(id)
@@ -303,6 +310,7 @@ impl ShardReader {
         self.records_left -= 1;
         Ok(Some(RecordHead {
             index,
+            record,
             residues,
             id,
         }))
@@ -451,6 +459,7 @@ impl StreamWriter {
     ) -> Result<(), OutputError> {
         let mut fixed = Vec::with_capacity(RECORD_HEAD + head.id.len());
         fixed.extend_from_slice(&head.index.to_le_bytes());
+        fixed.extend_from_slice(&head.record.to_le_bytes());
         fixed.extend_from_slice(&head.residues.to_le_bytes());
         fixed.extend_from_slice(&(head.id.len() as u32).to_le_bytes());
         fixed.extend_from_slice(head.id.as_bytes());
@@ -525,7 +534,7 @@ mod tests {
             };
             for &i in &indices {
                 let (residues, id, mean, tokens) = record(i);
-                pending.push(i, residues, &id, &mean, per_token.then_some(&tokens[..]));
+                pending.push(i, i / 2, residues, &id, &mean, per_token.then_some(&tokens[..]));
             }
             pending.write_to(&path, l).expect("written");
             prop_assert!(pending.is_empty());
@@ -534,7 +543,7 @@ mod tests {
             for &i in &indices {
                 let head = reader.next_record().expect("reads").expect("a record");
                 let (residues, id, mean, tokens) = record(i);
-                prop_assert_eq!(&head, &RecordHead { index: i, residues, id });
+                prop_assert_eq!(&head, &RecordHead { index: i, record: i / 2, residues, id });
                 let mut m = vec![0u8; l.row_bytes()];
                 let mut t = vec![0u8; if per_token { tokens.len() } else { 0 }];
                 reader.read_payload(&mut m, &mut t).expect("payload");
@@ -555,7 +564,7 @@ mod tests {
         let l = layout(false);
         let mut pending = Pending::default();
         for i in 0..10 {
-            pending.push(i, 1, "x", &[1u8; 12], None);
+            pending.push(i, i, 1, "x", &[1u8; 12], None);
         }
         pending.write_to(&path, l).expect("written");
         let good = std::fs::read(&path).expect("read");

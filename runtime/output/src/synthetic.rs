@@ -38,6 +38,7 @@ pub fn id(index: u64) -> String {
 pub fn meta(index: u64) -> SequenceMeta {
     SequenceMeta {
         index,
+        record: index,
         id: id(index),
         residues: residues(index),
     }

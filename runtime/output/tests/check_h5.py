@@ -74,6 +74,11 @@ def main() -> None:
         if lengths.dtype != np.uint32:
             raise AssertionError(f"lengths dtype {lengths.dtype}")
         expect_equal("lengths", lengths, residues(index))
+        # The synthetic packs give sequence i the input record i.
+        records = f["input_record"][:]
+        if records.dtype != np.uint64:
+            raise AssertionError(f"input_record dtype {records.dtype}")
+        expect_equal("input_record", records, index)
         if mode == "per-token":
             offsets = f["token_offsets"][:]
             expect_equal("token_offsets", offsets, np.concatenate([[0], np.cumsum(lengths, dtype=np.uint64)]))

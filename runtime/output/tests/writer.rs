@@ -464,6 +464,7 @@ fn malformed_packs_are_refused_with_the_reason() {
     assert!(err.to_string().contains("residues"), "{err}");
     let nul = [SequenceMeta {
         index: 0,
+        record: 0,
         id: "a\0b".into(),
         residues: metas[0].residues,
     }];
