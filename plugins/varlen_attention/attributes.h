@@ -1,6 +1,7 @@
 // Parsing of VarlenAttention's attributes from (name, type, value) fields, shared by the TensorRT
 // plugin (PluginField) and testable without TensorRT: int attributes may arrive as int32 or int64
-// (TensorRT's ONNX parser has used both), float ones as float32 or float64.
+// (TensorRT's ONNX parser has used both), float ones as float32 or float64; alibi_slopes is a list
+// of `length` floats.
 #pragma once
 
 #include <cstdint>
@@ -41,6 +42,21 @@ inline std::string apply_field(Attributes& a, const char* name, FieldType type, 
     return static_cast<float>(v);
   };
   const std::string n(name);
+  if (n == "alibi_slopes") {  // a list: `length` floats (0: no ALiBi)
+    if (!is_float) return "attribute alibi_slopes must be a list of floats";
+    if (length < 0 || (length > 0 && data == nullptr)) return "attribute alibi_slopes has no data";
+    a.alibi_slopes.assign(static_cast<size_t>(length), 0.0f);
+    for (int32_t i = 0; i < length; ++i) {
+      if (type == FieldType::kFloat32) {
+        std::memcpy(&a.alibi_slopes[i], static_cast<const char*>(data) + i * sizeof(float), sizeof(float));
+      } else {
+        double v;
+        std::memcpy(&v, static_cast<const char*>(data) + i * sizeof(double), sizeof v);
+        a.alibi_slopes[i] = static_cast<float>(v);
+      }
+    }
+    return std::string();
+  }
   const bool known = n == "num_heads" || n == "rotary" || n == "scale" || n == "rotary_base";
   if (!known) return std::string();
   if (data == nullptr || length != 1) return "attribute " + n + " must be a single value";

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the VarlenAttention CUDA kernel into build/varlen_attention/ (ignored, never committed):
-#   varlen_attention.fatbin   sm_80 + sm_90 machine code and compute_80 PTX (JIT for newer GPUs);
+#   varlen_attention.fatbin   30 kernels (rotary/none and ALiBi x 3 dtypes x 5 head dims): sm_80 +
+#                             sm_90 machine code and compute_80 PTX (JIT for newer GPUs);
 #                             what runtime/cuda loads with cuModuleLoadData
 #   resources.txt             ptxas register / shared-memory / spill report per kernel
 # and checks itself: warnings are errors, every kernel the loaders look up is in the fatbin, the
@@ -42,8 +43,10 @@ if [[ -z "$nvcc" && -x /usr/local/cuda/bin/nvcc ]]; then nvcc=/usr/local/cuda/bi
 "$nvcc" --version | grep -q "release 13\." || die "$nvcc is not CUDA 13.x: $("$nvcc" --version | tail -n1)"
 
 kernels=()
-for dt in f32 f16 bf16; do
-  for d in 16 24 32 64 128; do kernels+=("virnuc_varlen_attention_${dt}_d${d}"); done
+for mode in "" alibi_; do  # rotary/none, and ALiBi (contract version 2)
+  for dt in f32 f16 bf16; do
+    for d in 16 24 32 64 128; do kernels+=("virnuc_varlen_attention_${mode}${dt}_d${d}"); done
+  done
 done
 
 stamp="$out/sources.sha256"

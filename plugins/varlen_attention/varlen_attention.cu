@@ -2,7 +2,7 @@
 // (runtime/cuda) and the TensorRT plugin (tensorrt/). Contract: README.md beside this file.
 //
 // Non-causal attention over packed sequences (`cu_seqlens`), rotary embedding fused into the loads
-// of q and k. Flash-style: a block owns one tile of query rows of one sequence and one head, walks
+// of q and k, or ALiBi (contract version 2) added to the scores in registers. Flash-style: a block owns one tile of query rows of one sequence and one head, walks
 // the key/value tiles of that sequence only, and keeps an online softmax, so memory is O(T).
 //
 // Grid sizing without `max_seqlen` on the host: sequence b owns the block slots
@@ -12,10 +12,14 @@
 // its sequence by a binary search over s_b (log2(batch) reads of cu_seqlens) and leaves at once if
 // its slot is past the sequence's last tile. No workspace, no prefix pass, no host copy.
 //
-// Kernels (extern "C", one per dtype and head dim, static shared memory < 48 KiB):
-//   virnuc_varlen_attention_{f32,f16,bf16}_d{16,24,32,64,128}
+// Kernels (extern "C", one per mode, dtype and head dim, static shared memory < 48 KiB):
+//   virnuc_varlen_attention_{f32,f16,bf16}_d{16,24,32,64,128}        rotary (rotary = 1) or none
+//   virnuc_varlen_attention_alibi_{f32,f16,bf16}_d{16,24,32,64,128}  ALiBi (rotary code compiled out)
+// Separate ALiBi entry points leave the rotary kernels' code and registers as they were (the fp16
+// D = 64 one sits at the 128-register cap of two blocks an SM).
 // Arguments: (qkv, cu_seqlens, position_ids, out, total_tokens, batch, num_heads, scale, rotary,
-//   rotary_base). Grid: (total_tokens / BM + batch, num_heads). Block (threads, BM rows):
+//   rotary_base, alibi) with `alibi` a virnuc::varlen::AlibiSlopes by value (one float per head;
+//   read by the ALiBi kernels only). Grid: (total_tokens / BM + batch, num_heads). Block (threads, BM rows):
 //   f16/bf16 D <= 64: (256, 128); f16/bf16 D = 128: (128, 64); f32: (128, 32).
 //   varlen_attention_launch.h (C++) and runtime/cuda (Rust) carry the same table.
 //
@@ -27,12 +31,19 @@
 // when rotary is on, p·v: hi·v + lo·v): about 2.5x the tensor-core work of fp16, for an error
 // of the order of the fp16 path's.
 // fp32: plain fp32 FMA on CUDA cores (no TF32), 1e-5 relative.
+//
+// ALiBi: score = scale·q·k − slope_h·|i − j| (i, j offsets in the sequence). The bias enters the
+// scores in registers right after q·k, as one FMA on |i − j| (an exact float: a row's offset minus a
+// key's, both known per thread from the fragment layout), before the running maximum, so the online
+// softmax is unchanged. No tables: no length limit.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#define VIRNUC_VARLEN_ATTENTION_VERSION "1"
+#include "varlen_attention_launch.h"  // AlibiSlopes, kMaxAlibiHeads
+
+#define VIRNUC_VARLEN_ATTENTION_VERSION "2"
 
 namespace virnuc {
 
@@ -388,13 +399,14 @@ __device__ __forceinline__ void load_v(uint16_t* dst, const uint16_t* qkv, long 
   }
 }
 
-template <typename T, int D>
+// ALIBI: score −= slope · |i − j| (rotary compiled out); `slope` is this block's head's.
+template <typename T, int D, bool ALIBI>
 __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv,
                                                 const int* __restrict__ cu,
                                                 const long long* __restrict__ pos,
                                                 uint16_t* __restrict__ out, int total, int batch,
                                                 int heads, float scale, int rotary_flag,
-                                                float base) {
+                                                float base, float slope) {
   constexpr int WARPS = warps16<D>();
   constexpr int THREADS = WARPS * 32;
   constexpr int BM = WARPS * 16;
@@ -428,7 +440,7 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
 
   Work w;
   if (!locate(cu, batch, total, BM, w)) return;
-  const bool rotary = rotary_flag != 0;
+  const bool rotary = !ALIBI && rotary_flag != 0;
   const int head = static_cast<int>(blockIdx.y);
   const long long row_stride = 3LL * heads * D;
   const int qcol = head * D;
@@ -437,6 +449,11 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
   const int lane = tid % 32;
+  // ALiBi in the exp2 domain of the softmax below: s·sl2 − |i − j|·slope·log2 e.
+  [[maybe_unused]] const float slope_l2 = slope * 1.4426950408889634f;
+  // Offset in the sequence of this thread's first query row minus that of its first key column
+  // (fragment layout below: rows lane/4 and lane/4 + 8 of the warp's 16, keys j·8 + (lane%4)·2 + e&1).
+  [[maybe_unused]] const int rel0 = w.q0 + warp * 16 + lane / 4 - (lane % 4) * 2;
 
   // Zero everything once: the padded columns D..DP must be zero for the q·k products.
   for (int i = tid; i < SMEM; i += THREADS) smem[i] = 0;
@@ -550,12 +567,18 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
     // Online softmax. This thread holds rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3).
     float mx0 = -INFINITY;
     float mx1 = -INFINITY;
+    [[maybe_unused]] const float rel = static_cast<float>(rel0 - kv0);  // exact: |offsets| < 2^24
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = j * 8 + (lane % 4) * 2 + (e & 1);
-        s[j][e] = key < nk ? s[j][e] * sl2 : -INFINITY;
+        if constexpr (ALIBI) {
+          const float dist = fabsf(rel + static_cast<float>((e >> 1) * 8 - j * 8 - (e & 1)));
+          s[j][e] = key < nk ? fmaf(-slope_l2, dist, s[j][e] * sl2) : -INFINITY;
+        } else {
+          s[j][e] = key < nk ? s[j][e] * sl2 : -INFINITY;
+        }
       }
       mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
       mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
@@ -749,11 +772,14 @@ __device__ __forceinline__ bool locate_warp(const int* __restrict__ cu, int batc
 // thread's partial row sums (quad-reduced at the end).
 // QR: m16 tiles whose q fragments are in registers (qa); with QR = 1 the second tile's are loaded
 // from shared memory at q1 (this lane's ldmatrix address) for each k-step, sign-flipped by `sign`.
-template <int MT, bool PARTIAL, int QR, int D, int BN, int LDS>
+// ALIBI: the scores get −slope·|i − j| (in the exp2 domain: slope_l2 = slope·log2 e) before the
+// maximum; `rel` is this thread's first query row offset minus its first key offset (the second m16
+// tile's rows are BN further: HM = BN).
+template <int MT, bool PARTIAL, int QR, int D, int BN, int LDS, bool ALIBI>
 __device__ __forceinline__ void v4_tile(const uint32_t (&qa)[QR][D / 16][4], const uint16_t* q1,
                                         uint32_t sign, float (&o)[2][D / 8][4], float (&m)[2][2],
                                         float (&l)[2][2], const uint16_t* kt, const uint16_t* vt,
-                                        int nk, float sl2, int lane) {
+                                        int nk, float sl2, int lane, float rel, float slope_l2) {
   constexpr int KSTEPS = D / 16;
   constexpr int NT = BN / 8;
   constexpr int DT = D / 8;
@@ -791,6 +817,22 @@ __device__ __forceinline__ void v4_tile(const uint32_t (&qa)[QR][D / 16][4], con
       }
     }
   }
+  // ALiBi: scaled scores with the bias, then a unit scale below (before the mask, so that masked
+  // keys are -inf whatever the scale).
+  if constexpr (ALIBI) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float dist = fabsf(rel + static_cast<float>(i * BN + (e >> 1) * 8 - j * 8 - (e & 1)));
+          s[i][j][e] = fmaf(-slope_l2, dist, s[i][j][e] * sl2);
+        }
+      }
+    }
+  }
+  const float k2 = ALIBI ? 1.0f : sl2;  // the scale still to apply
   if constexpr (PARTIAL) {
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
@@ -816,19 +858,19 @@ __device__ __forceinline__ void v4_tile(const uint32_t (&qa)[QR][D / 16][4], con
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    // Key 0 of every tile is valid, so the maxima are finite; sl2 >= 0, so scaling keeps the max.
-    const float n0 = fmaxf(m[i][0], mx0 * sl2);
-    const float n1 = fmaxf(m[i][1], mx1 * sl2);
+    // Key 0 of every tile is valid, so the maxima are finite; k2 >= 0, so scaling keeps the max.
+    const float n0 = fmaxf(m[i][0], mx0 * k2);
+    const float n1 = fmaxf(m[i][1], mx1 * k2);
     const float c0 = ex2(m[i][0] - n0);  // 0 on the first tile (m = -inf)
     const float c1 = ex2(m[i][1] - n1);
     m[i][0] = n0;
     m[i][1] = n1;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      s[i][j][0] = ex2(fmaf(s[i][j][0], sl2, -n0));
-      s[i][j][1] = ex2(fmaf(s[i][j][1], sl2, -n0));
-      s[i][j][2] = ex2(fmaf(s[i][j][2], sl2, -n1));
-      s[i][j][3] = ex2(fmaf(s[i][j][3], sl2, -n1));
+      s[i][j][0] = ex2(fmaf(s[i][j][0], k2, -n0));
+      s[i][j][1] = ex2(fmaf(s[i][j][1], k2, -n0));
+      s[i][j][2] = ex2(fmaf(s[i][j][2], k2, -n1));
+      s[i][j][3] = ex2(fmaf(s[i][j][3], k2, -n1));
     }
     if constexpr (PARTIAL) {  // -inf · 0 is NaN when scale = 0: masked keys are zeroed explicitly
 #pragma unroll
@@ -883,13 +925,13 @@ __device__ __forceinline__ void v4_tile(const uint32_t (&qa)[QR][D / 16][4], con
   }
 }
 
-template <int D>
+template <int D, bool ALIBI>
 __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qkv,
                                                  const int* __restrict__ cu,
                                                  const long long* __restrict__ pos,
                                                  uint16_t* __restrict__ out, int total, int batch,
                                                  int heads, float scale, int rotary_flag,
-                                                 float base) {
+                                                 float base, float slope) {
   using T = __half;
   constexpr int THREADS = v4_warps<D>() * 32;
   constexpr int BM = v4_warps<D>() * 32;  // warps x 2 m16 tiles
@@ -908,6 +950,7 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
   constexpr int QR = D == 128 ? 1 : 2;
   constexpr int TILE = BN * LDS;
   static_assert(BM == 2 * BN, "q fills slots 0-1");
+  static_assert(HM == BN, "v4_tile's ALiBi offsets: the second m16 tile's rows are BN further");
   constexpr int SMEM = 5 * TILE;
   __shared__ __align__(16) uint16_t smem[SMEM];
   __shared__ float inv_freq[D / 2];
@@ -918,7 +961,7 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
 
   Work w;
   if (!locate_warp(cu, batch, total, BM, w)) return;
-  const bool rotary = rotary_flag != 0;
+  const bool rotary = !ALIBI && rotary_flag != 0;
   const int head = static_cast<int>(blockIdx.y);
   const long long row_stride = 3LL * heads * D;
   const int qcol = head * D;
@@ -958,6 +1001,9 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
   const float sl2 = fabsf(scale) * 1.4426950408889634f;  // exp(x) = exp2(x · log2 e)
   // m16 tiles of this warp holding rows of the sequence (the second one's rows are HM further).
   const int mtiles = (warp * 16 < nq ? 1 : 0) + (HM + warp * 16 < nq ? 1 : 0);
+  // ALiBi: the first query row offset of this thread minus its first key offset, at kv0 = 0.
+  const int rel0 = w.q0 + warp * 16 + lane / 4 - (lane % 4) * 2;
+  const float slope_l2 = slope * 1.4426950408889634f;
 
   float o[2][DT][4];
   float m[2][2];
@@ -998,17 +1044,18 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
       __syncthreads();
     }
     // Warp- and block-uniform branches: whole-tile bodies without control flow inside.
+    const float rel = static_cast<float>(rel0 - kv0);  // exact: |offsets| < 2^24
     if (nk == BN) {
       if (mtiles == 2) {
-        v4_tile<2, false, QR, D, BN, LDS>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane);
+        v4_tile<2, false, QR, D, BN, LDS, ALIBI>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane, rel, slope_l2);
       } else if (mtiles == 1) {
-        v4_tile<1, false, QR, D, BN, LDS>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane);
+        v4_tile<1, false, QR, D, BN, LDS, ALIBI>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane, rel, slope_l2);
       }
     } else {
       if (mtiles == 2) {
-        v4_tile<2, true, QR, D, BN, LDS>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane);
+        v4_tile<2, true, QR, D, BN, LDS, ALIBI>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane, rel, slope_l2);
       } else if (mtiles == 1) {
-        v4_tile<1, true, QR, D, BN, LDS>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane);
+        v4_tile<1, true, QR, D, BN, LDS, ALIBI>(qa, q1, sign, o, m, l, kt, vt, nk, sl2, lane, rel, slope_l2);
       }
     }
   }
@@ -1050,19 +1097,22 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
 }
 
 // The 16-bit entry: v4 where it applies, else the 8-warp (4 at D = 128) kernel.
-template <typename T, int D>
+template <typename T, int D, bool ALIBI>
 __device__ __forceinline__ void attention_16bit_entry(const uint16_t* __restrict__ qkv,
                                                       const int* __restrict__ cu,
                                                       const long long* __restrict__ pos,
                                                       uint16_t* __restrict__ out, int total,
                                                       int batch, int heads, float scale,
-                                                      int rotary_flag, float base) {
+                                                      int rotary_flag, float base, float slope) {
   if constexpr (use_v4<T, D>()) {
-    attention_f16_v4<D>(qkv, cu, pos, out, total, batch, heads, scale, rotary_flag, base);
+    attention_f16_v4<D, ALIBI>(qkv, cu, pos, out, total, batch, heads, scale, rotary_flag, base,
+                               slope);
   } else {
-    attention_16bit<T, D>(qkv, cu, pos, out, total, batch, heads, scale, rotary_flag, base);
+    attention_16bit<T, D, ALIBI>(qkv, cu, pos, out, total, batch, heads, scale, rotary_flag, base,
+                                 slope);
   }
 }
+
 
 // ---------------------------------------------------------------------------------------------
 // fp32: CUDA-core FMA. 32 query rows a block, 4 threads a row (a quad of one warp), so the
@@ -1110,13 +1160,13 @@ __device__ __forceinline__ void load_qk_f32(float* dst, const float* qkv, long l
   }
 }
 
-template <int D>
+template <int D, bool ALIBI>
 __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
                                               const int* __restrict__ cu,
                                               const long long* __restrict__ pos,
                                               float* __restrict__ out, int total, int batch,
                                               int heads, float scale, int rotary_flag,
-                                              float base) {
+                                              float base, float slope) {
   constexpr int BM = kBlockM32;
   constexpr int BN = D <= 64 ? 32 : 16;
   constexpr int LDS = D + 1;  // odd stride: q·k reads of one column by a warp hit distinct banks
@@ -1129,7 +1179,7 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
 
   Work w;
   if (!locate(cu, batch, total, BM, w)) return;
-  const bool rotary = rotary_flag != 0;
+  const bool rotary = !ALIBI && rotary_flag != 0;
   const int head = static_cast<int>(blockIdx.y);
   const long long row_stride = 3LL * heads * D;
   const int qcol = head * D;
@@ -1138,6 +1188,8 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
   const int tid = static_cast<int>(threadIdx.x);
   const int row = tid / 4;
   const int sub = tid % 4;
+  // ALiBi: this row's offset in the sequence minus that of key `sub` of the tile at kv0 = 0.
+  [[maybe_unused]] const int rel0 = w.q0 + row - sub;
 
   if (rotary) rotary_frequencies<D>(inv_freq, base);
   __syncthreads();
@@ -1177,7 +1229,11 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
       float dot = 0.0f;
 #pragma unroll 8
       for (int d = 0; d < D; ++d) dot = fmaf(sQ[row * LDS + d], sK[key * LDS + d], dot);
-      const float sc = key < nk ? dot * scale : -INFINITY;
+      float sc = dot * scale;
+      if constexpr (ALIBI) {
+        sc = fmaf(-slope, fabsf(static_cast<float>(rel0 - kv0 - 4 * cc)), sc);
+      }
+      sc = key < nk ? sc : -INFINITY;
       sP[row * (BN + 1) + key] = sc;
       mx = fmaxf(mx, sc);
     }
@@ -1220,58 +1276,78 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
 // Entry points (names are the ABI the loaders look up).
 
 // Two blocks an SM for fp16 (caps registers at 128 with 8 warps); bf16's split operands need more.
-#define VIRNUC_KERNEL_16(NAME, T, D)                                                           \
+// ALIBI entry points read their head's slope from the by-value `alibi` once per block; a head past
+// kMaxAlibiHeads (num_heads too large: refused by every launcher) writes nothing.
+#define VIRNUC_KERNEL_16(NAME, T, D, ALIBI)                                                    \
   extern "C" __global__ void __launch_bounds__((virnuc::threads16<T, D>()),                  \
                                                __is_same(T, __half) ? 2 : 1)                  \
       NAME(const void* qkv, const int* cu_seqlens, const long long* position_ids, void* out,   \
            int total_tokens, int batch, int num_heads, float scale, int rotary,                \
-           float rotary_base) {                                                                \
-    virnuc::attention_16bit_entry<T, D>(static_cast<const uint16_t*>(qkv), cu_seqlens,         \
-                                        position_ids, static_cast<uint16_t*>(out),             \
-                                        total_tokens, batch, num_heads, scale, rotary,         \
-                                        rotary_base);                                          \
+           float rotary_base, virnuc::varlen::AlibiSlopes alibi) {                             \
+    if (ALIBI && blockIdx.y >= static_cast<unsigned>(virnuc::varlen::kMaxAlibiHeads)) return;   \
+    virnuc::attention_16bit_entry<T, D, ALIBI>(                                                \
+        static_cast<const uint16_t*>(qkv), cu_seqlens, position_ids,                           \
+        static_cast<uint16_t*>(out), total_tokens, batch, num_heads, scale, rotary,            \
+        rotary_base, ALIBI ? alibi.slope[blockIdx.y] : 0.0f);                                  \
   }
 
-#define VIRNUC_KERNEL_32(NAME, D)                                                              \
+#define VIRNUC_KERNEL_32(NAME, D, ALIBI)                                                       \
   extern "C" __global__ void __launch_bounds__(virnuc::kThreads32)                             \
       NAME(const void* qkv, const int* cu_seqlens, const long long* position_ids, void* out,   \
            int total_tokens, int batch, int num_heads, float scale, int rotary,                \
-           float rotary_base) {                                                                \
-    virnuc::attention_f32<D>(static_cast<const float*>(qkv), cu_seqlens, position_ids,         \
-                             static_cast<float*>(out), total_tokens, batch, num_heads, scale,  \
-                             rotary, rotary_base);                                             \
+           float rotary_base, virnuc::varlen::AlibiSlopes alibi) {                             \
+    if (ALIBI && blockIdx.y >= static_cast<unsigned>(virnuc::varlen::kMaxAlibiHeads)) return;   \
+    virnuc::attention_f32<D, ALIBI>(static_cast<const float*>(qkv), cu_seqlens, position_ids,  \
+                                    static_cast<float*>(out), total_tokens, batch, num_heads,  \
+                                    scale, rotary, rotary_base,                                \
+                                    ALIBI ? alibi.slope[blockIdx.y] : 0.0f);                   \
   }
 
-VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d16, __half, 16)
-VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d24, __half, 24)
-VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d32, __half, 32)
-VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d64, __half, 64)
-VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d128, __half, 128)
-VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d16, __nv_bfloat16, 16)
-VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d24, __nv_bfloat16, 24)
-VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d32, __nv_bfloat16, 32)
-VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d64, __nv_bfloat16, 64)
-VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d128, __nv_bfloat16, 128)
-VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d16, 16)
-VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d24, 24)
-VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d32, 32)
-VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d64, 64)
-VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d128, 128)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d16, __half, 16, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d24, __half, 24, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d32, __half, 32, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d64, __half, 64, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_f16_d128, __half, 128, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d16, __nv_bfloat16, 16, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d24, __nv_bfloat16, 24, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d32, __nv_bfloat16, 32, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d64, __nv_bfloat16, 64, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_bf16_d128, __nv_bfloat16, 128, false)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d16, 16, false)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d24, 24, false)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d32, 32, false)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d64, 64, false)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_f32_d128, 128, false)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_f16_d16, __half, 16, true)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_f16_d24, __half, 24, true)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_f16_d32, __half, 32, true)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_f16_d64, __half, 64, true)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_f16_d128, __half, 128, true)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_bf16_d16, __nv_bfloat16, 16, true)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_bf16_d24, __nv_bfloat16, 24, true)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_bf16_d32, __nv_bfloat16, 32, true)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_bf16_d64, __nv_bfloat16, 64, true)
+VIRNUC_KERNEL_16(virnuc_varlen_attention_alibi_bf16_d128, __nv_bfloat16, 128, true)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_alibi_f32_d16, 16, true)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_alibi_f32_d24, 24, true)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_alibi_f32_d32, 32, true)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_alibi_f32_d64, 64, true)
+VIRNUC_KERNEL_32(virnuc_varlen_attention_alibi_f32_d128, 128, true)
 
 // ---------------------------------------------------------------------------------------------
 // Host launcher for C++ hosts that link this file (the TensorRT plugin). The Rust runtime loads
 // the fatbin through the driver API instead and computes the same grid (runtime/cuda).
 #ifdef VIRNUC_VARLEN_ATTENTION_HOST_LAUNCHER
-#include "varlen_attention_launch.h"
 
 extern "C" cudaError_t virnuc_varlen_attention_launch(cudaStream_t stream, const void* qkv,
                                                       const int* cu_seqlens,
                                                       const long long* position_ids, void* out,
                                                       int total_tokens, int batch, int num_heads,
                                                       int head_dim, int onnx_dtype, float scale,
-                                                      int rotary, float rotary_base) {
+                                                      int rotary, float rotary_base,
+                                                      const virnuc::varlen::AlibiSlopes* alibi) {
   using Kernel = void (*)(const void*, const int*, const long long*, void*, int, int, int, float,
-                          int, float);
+                          int, float, virnuc::varlen::AlibiSlopes);
   Kernel k = nullptr;
 #define VIRNUC_PICK(DT, PREFIX)                                   \
   if (onnx_dtype == DT) {                                         \
@@ -1284,9 +1360,16 @@ extern "C" cudaError_t virnuc_varlen_attention_launch(cudaStream_t stream, const
       default: break;                                             \
     }                                                             \
   }
-  VIRNUC_PICK(virnuc::varlen::kOnnxFloat, virnuc_varlen_attention_f32)
-  VIRNUC_PICK(virnuc::varlen::kOnnxFloat16, virnuc_varlen_attention_f16)
-  VIRNUC_PICK(virnuc::varlen::kOnnxBfloat16, virnuc_varlen_attention_bf16)
+  if (alibi != nullptr) {  // ALiBi: its own entry points, rotary off
+    if (rotary != 0 || num_heads > virnuc::varlen::kMaxAlibiHeads) return cudaErrorInvalidValue;
+    VIRNUC_PICK(virnuc::varlen::kOnnxFloat, virnuc_varlen_attention_alibi_f32)
+    VIRNUC_PICK(virnuc::varlen::kOnnxFloat16, virnuc_varlen_attention_alibi_f16)
+    VIRNUC_PICK(virnuc::varlen::kOnnxBfloat16, virnuc_varlen_attention_alibi_bf16)
+  } else {
+    VIRNUC_PICK(virnuc::varlen::kOnnxFloat, virnuc_varlen_attention_f32)
+    VIRNUC_PICK(virnuc::varlen::kOnnxFloat16, virnuc_varlen_attention_f16)
+    VIRNUC_PICK(virnuc::varlen::kOnnxBfloat16, virnuc_varlen_attention_bf16)
+  }
 #undef VIRNUC_PICK
   if (k == nullptr) return cudaErrorInvalidValue;
   const virnuc::varlen::Grid g =
@@ -1294,8 +1377,9 @@ extern "C" cudaError_t virnuc_varlen_attention_launch(cudaStream_t stream, const
   if (g.x == 0 || g.y == 0) return cudaSuccess;
   const dim3 blocks(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
   const unsigned threads = static_cast<unsigned>(virnuc::varlen::threads(onnx_dtype, head_dim));
+  const virnuc::varlen::AlibiSlopes slopes = alibi != nullptr ? *alibi : virnuc::varlen::AlibiSlopes{};
   k<<<blocks, threads, 0, stream>>>(qkv, cu_seqlens, position_ids, out, total_tokens, batch,
-                                     num_heads, scale, rotary, rotary_base);
+                                     num_heads, scale, rotary, rotary_base, slopes);
   return cudaGetLastError();
 }
 #endif

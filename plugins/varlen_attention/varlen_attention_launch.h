@@ -7,13 +7,24 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace virnuc {
 namespace varlen {
 
-constexpr const char* kVersion = "1";         // VARLEN_ATTENTION_VERSION in README.md
+constexpr const char* kVersion = "2";         // VARLEN_ATTENTION_VERSION in README.md
 constexpr const char* kOpType = "VarlenAttention";
 constexpr const char* kDomain = "com.virnuc";
+// The TensorRT plugin version: what TensorRT's ONNX parser looks up for a node without a
+// plugin_version attribute. Contract version 2 only added an optional attribute, so it stays "1".
+constexpr const char* kPluginVersion = "1";
+
+// ALiBi slopes reach the kernels by value, in the kernel parameter space (4 KiB): one float per
+// head, at most kMaxAlibiHeads heads (the CPU op has no such limit).
+constexpr int kMaxAlibiHeads = 128;
+struct AlibiSlopes {
+  float slope[kMaxAlibiHeads];
+};
 
 // ONNX TensorProto data types (the dtype argument of every launcher).
 constexpr int kOnnxFloat = 1;
@@ -69,6 +80,7 @@ struct Attributes {
   float scale = 0.0f;
   long long rotary = 1;
   float rotary_base = 10000.0f;
+  std::vector<float> alibi_slopes;  // empty: no ALiBi (the attribute absent, or an empty list)
 };
 
 // The checked shape of one call.
@@ -80,10 +92,34 @@ struct Problem {
   float scale = 0.0f;
   bool rotary = true;
   float rotary_base = 10000.0f;
+  bool alibi = false;   // ALiBi mode: the kernels virnuc_varlen_attention_alibi_*, with `slopes`
+  AlibiSlopes slopes{};  // slopes of heads 0..num_heads-1, zeros after
 };
 
-// Validates input shapes (qkv [T, 3HD], cu_seqlens [B+1], position_ids [T] or empty) and
-// attributes; on success fills `out` and returns an empty string, else the reason.
+// The rules on the attributes alone (the TensorRT plugin checks them at creation, before any
+// shape is known): num_heads > 0, rotary 0 or 1, and with ALiBi rotary = 0 and one finite slope
+// per head, at most kMaxAlibiHeads heads. Empty string when they hold.
+inline std::string check_attributes(const Attributes& a) {
+  if (a.num_heads <= 0) return "attribute num_heads must be positive";
+  if (a.rotary != 0 && a.rotary != 1) return "attribute rotary must be 0 or 1";
+  if (a.alibi_slopes.empty()) return std::string();
+  if (a.rotary != 0) return "alibi_slopes needs rotary = 0 (rotary and ALiBi exclude each other)";
+  if (static_cast<long long>(a.alibi_slopes.size()) != a.num_heads) {
+    return "alibi_slopes has " + std::to_string(a.alibi_slopes.size()) +
+           " entries, expected num_heads (" + std::to_string(a.num_heads) + ")";
+  }
+  if (a.num_heads > kMaxAlibiHeads) {
+    return "ALiBi on the GPU takes at most " + std::to_string(kMaxAlibiHeads) + " heads, got " +
+           std::to_string(a.num_heads);
+  }
+  for (float s : a.alibi_slopes) {
+    if (!std::isfinite(s)) return "alibi_slopes must be finite";
+  }
+  return std::string();
+}
+
+// Validates input shapes (qkv [T, 3HD], cu_seqlens [B+1], position_ids [T] or empty; with ALiBi
+// or rotary = 0 position_ids is never read) and attributes; on success fills `out` and returns an empty string, else the reason.
 // `position_ids_len` < 0 means the optional input is absent.
 inline std::string validate(const Attributes& a, int qkv_rank, long long qkv_rows,
                             long long qkv_cols, int onnx_dtype, int cu_rank, long long cu_len,
@@ -92,7 +128,8 @@ inline std::string validate(const Attributes& a, int qkv_rank, long long qkv_row
     return "qkv dtype " + std::to_string(onnx_dtype) +
            " is not supported (float32=1, float16=10, bfloat16=16)";
   }
-  if (a.num_heads <= 0) return "attribute num_heads must be positive";
+  const std::string attributes = check_attributes(a);
+  if (!attributes.empty()) return attributes;
   if (qkv_rank != 2) return "qkv must be 2-D [total_tokens, 3*num_heads*head_dim]";
   if (qkv_rows < 0 || qkv_cols <= 0) return "qkv has a negative or empty dimension";
   if (qkv_cols % (3 * a.num_heads) != 0) {
@@ -104,7 +141,6 @@ inline std::string validate(const Attributes& a, int qkv_rank, long long qkv_row
     return "head_dim " + std::to_string(d) + " is not supported on GPU (16, 24, 32, 64, 128)";
   }
   if (cu_rank != 1 || cu_len < 1) return "cu_seqlens must be 1-D with batch+1 >= 1 entries";
-  if (a.rotary != 0 && a.rotary != 1) return "attribute rotary must be 0 or 1";
   if (a.rotary == 1) {
     if (position_ids_len < 0) return "position_ids is required when rotary = 1";
     if (pos_rank != 1 || position_ids_len != qkv_rows) {
@@ -128,6 +164,9 @@ inline std::string validate(const Attributes& a, int qkv_rank, long long qkv_row
   out.scale = scale;
   out.rotary = a.rotary == 1;
   out.rotary_base = a.rotary_base;
+  out.alibi = !a.alibi_slopes.empty();
+  out.slopes = AlibiSlopes{};
+  for (size_t h = 0; h < a.alibi_slopes.size(); ++h) out.slopes.slope[h] = a.alibi_slopes[h];
   return std::string();
 }
 

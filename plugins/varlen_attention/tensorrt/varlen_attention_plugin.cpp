@@ -1,4 +1,5 @@
-// TensorRT IPluginV3 wrapper of the VarlenAttention kernel. Thin on purpose: shape/attribute rules
+// TensorRT IPluginV3 wrapper of the VarlenAttention kernel (contract version 2: rotary, none, or ALiBi
+// with the alibi_slopes field, passed to the launcher by value). Thin on purpose: shape/attribute rules
 // live in varlen_attention_launch.h and attributes.h (tested with g++ by build.sh), the math in
 // varlen_attention.cu (tested on the GPU machine). Every TensorRT-facing method is noexcept and
 // wraps its body in try/catch. Never linked or run here (no TensorRT in this workplace); compiled
@@ -14,7 +15,8 @@
 extern "C" cudaError_t virnuc_varlen_attention_launch(cudaStream_t stream, const void* qkv, const int* cu_seqlens,
                                                       const long long* position_ids, void* out, int total_tokens,
                                                       int batch, int num_heads, int head_dim, int onnx_dtype,
-                                                      float scale, int rotary, float rotary_base);
+                                                      float scale, int rotary, float rotary_base,
+                                                      const virnuc::varlen::AlibiSlopes* alibi);
 
 namespace virnuc {
 namespace trt {
@@ -92,7 +94,7 @@ nvinfer1::IPluginV3* VarlenAttentionPlugin::clone() noexcept {
 }
 
 const char* VarlenAttentionPlugin::getPluginName() const noexcept { return kName; }
-const char* VarlenAttentionPlugin::getPluginVersion() const noexcept { return varlen::kVersion; }
+const char* VarlenAttentionPlugin::getPluginVersion() const noexcept { return varlen::kPluginVersion; }
 const char* VarlenAttentionPlugin::getPluginNamespace() const noexcept { return kNamespace; }
 
 int32_t VarlenAttentionPlugin::configurePlugin(const nvinfer1::DynamicPluginTensorDesc* in, int32_t nbInputs,
@@ -204,7 +206,7 @@ int32_t VarlenAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDe
         stream, inputs[0], static_cast<const int*>(inputs[1]),
         p.rotary ? static_cast<const long long*>(inputs[2]) : nullptr, outputs[0], static_cast<int>(p.total_tokens),
         static_cast<int>(p.batch), static_cast<int>(p.num_heads), static_cast<int>(p.head_dim),
-        onnx_dtype(inputDesc[0].type), p.scale, p.rotary ? 1 : 0, p.rotary_base);
+        onnx_dtype(inputDesc[0].type), p.scale, p.rotary ? 1 : 0, p.rotary_base, p.alibi ? &p.slopes : nullptr);
     return rc == cudaSuccess ? 0 : fail("enqueue", cudaGetErrorString(rc));
   } catch (const std::exception& e) {
     return fail("enqueue", e.what());
@@ -222,6 +224,10 @@ const nvinfer1::PluginFieldCollection* VarlenAttentionPlugin::getFieldsToSeriali
     fields_.emplace_back("rotary", &attrs_.rotary, PluginFieldType::kINT64, 1);
     fields_.emplace_back("rotary_base", &attrs_.rotary_base, PluginFieldType::kFLOAT32, 1);
     if (attrs_.has_scale) fields_.emplace_back("scale", &attrs_.scale, PluginFieldType::kFLOAT32, 1);
+    if (!attrs_.alibi_slopes.empty()) {
+      fields_.emplace_back("alibi_slopes", attrs_.alibi_slopes.data(), PluginFieldType::kFLOAT32,
+                           static_cast<int32_t>(attrs_.alibi_slopes.size()));
+    }
     collection_.nbFields = static_cast<int32_t>(fields_.size());
     collection_.fields = fields_.data();
     return &collection_;
@@ -236,12 +242,13 @@ VarlenAttentionPluginCreator::VarlenAttentionPluginCreator() {
   fields_.emplace_back("scale", nullptr, PluginFieldType::kFLOAT32, 1);
   fields_.emplace_back("rotary", nullptr, PluginFieldType::kINT64, 1);
   fields_.emplace_back("rotary_base", nullptr, PluginFieldType::kFLOAT32, 1);
+  fields_.emplace_back("alibi_slopes", nullptr, PluginFieldType::kFLOAT32, 0);  // one per head
   collection_.nbFields = static_cast<int32_t>(fields_.size());
   collection_.fields = fields_.data();
 }
 
 const char* VarlenAttentionPluginCreator::getPluginName() const noexcept { return kName; }
-const char* VarlenAttentionPluginCreator::getPluginVersion() const noexcept { return varlen::kVersion; }
+const char* VarlenAttentionPluginCreator::getPluginVersion() const noexcept { return varlen::kPluginVersion; }
 const char* VarlenAttentionPluginCreator::getPluginNamespace() const noexcept { return kNamespace; }
 const nvinfer1::PluginFieldCollection* VarlenAttentionPluginCreator::getFieldNames() noexcept { return &collection_; }
 
@@ -262,8 +269,10 @@ nvinfer1::IPluginV3* VarlenAttentionPluginCreator::createPlugin(const char* /*na
       fail("createPlugin", "required attribute num_heads is missing or not positive");
       return nullptr;
     }
-    if (attrs.rotary != 0 && attrs.rotary != 1) {
-      fail("createPlugin", "attribute rotary must be 0 or 1");
+    // rotary 0/1; with alibi_slopes rotary = 0 and one slope per head (at most kMaxAlibiHeads).
+    const std::string err = varlen::check_attributes(attrs);
+    if (!err.empty()) {
+      fail("createPlugin", err);
       return nullptr;
     }
     return new VarlenAttentionPlugin(attrs);

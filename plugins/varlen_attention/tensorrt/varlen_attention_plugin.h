@@ -1,5 +1,6 @@
 // TensorRT (>= 10) IPluginV3 wrapper of the VarlenAttention CUDA kernel (../varlen_attention.cu).
-// Plugin name "VarlenAttention", version "1", namespace "": what TensorRT's ONNX parser looks up
+// Plugin name "VarlenAttention", version "1" (kPluginVersion: unchanged by contract version 2, which
+// only added the optional alibi_slopes field), namespace "": what TensorRT's ONNX parser looks up
 // for a node of op type VarlenAttention with no plugin_version / plugin_namespace attributes (its
 // fallback plugin importer looks up the op type with namespace "" first, so
 // com.virnuc:VarlenAttention maps here). Never linked or run in this project's workplace (no TensorRT there; compiled against the

@@ -1,5 +1,6 @@
 // Host-side checks of varlen_attention_launch.h with plain g++ (no CUDA, no TensorRT): the shape
 // and attribute validation the TensorRT plugin runs, and the launch grid's slot bound.
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -110,6 +111,44 @@ static void test_slots() {
   CHECK(virnuc::varlen::threads(1, 64) == 128 && virnuc::varlen::block_m(1, 64) == 32);
 }
 
+// Contract version 2: ALiBi (alibi_slopes) excludes rotary = 1, needs one finite slope per head, at
+// most kMaxAlibiHeads on the GPU; position_ids may then be absent; the slopes reach the Problem.
+static void test_alibi() {
+  Attributes a;
+  a.num_heads = 12;
+  a.rotary = 0;
+  for (int h = 0; h < 12; ++h) a.alibi_slopes.push_back(1.0f / static_cast<float>(2 << h));
+  Problem p;
+  // DNABERT-S: 12 heads of 64, fp16, no position_ids.
+  CHECK(virnuc::varlen::validate(a, 2, 100, 3 * 12 * 64, 10, 1, 4, 1, -1, p).empty());
+  CHECK(p.alibi && !p.rotary && p.head_dim == 64 && p.scale == 0.125f);
+  CHECK(p.slopes.slope[0] == 0.5f && p.slopes.slope[11] == a.alibi_slopes[11] && p.slopes.slope[12] == 0.0f);
+  // Exclusive with rotary (rotary's default is 1: an ALiBi node must say rotary = 0).
+  a.rotary = 1;
+  CHECK(contains(virnuc::varlen::validate(a, 2, 100, 3 * 12 * 64, 10, 1, 4, 1, 100, p), "rotary = 0"));
+  CHECK(contains(virnuc::varlen::check_attributes(a), "rotary = 0"));
+  a.rotary = 0;
+  // One slope per head.
+  a.alibi_slopes.pop_back();
+  CHECK(contains(virnuc::varlen::validate(a, 2, 100, 3 * 12 * 64, 10, 1, 4, 1, -1, p),
+                 "11 entries, expected num_heads (12)"));
+  a.alibi_slopes.push_back(std::nanf(""));
+  CHECK(contains(virnuc::varlen::validate(a, 2, 100, 3 * 12 * 64, 10, 1, 4, 1, -1, p), "finite"));
+  // More heads than the by-value slopes hold.
+  Attributes big;
+  big.num_heads = virnuc::varlen::kMaxAlibiHeads + 1;
+  big.rotary = 0;
+  big.alibi_slopes.assign(static_cast<size_t>(big.num_heads), 0.1f);
+  CHECK(contains(virnuc::varlen::check_attributes(big), "at most 128 heads"));
+  // Empty slopes: version-1 behaviour (no ALiBi).
+  Attributes none;
+  none.num_heads = 12;
+  none.rotary = 0;
+  CHECK(virnuc::varlen::validate(none, 2, 100, 3 * 12 * 64, 10, 1, 4, 1, -1, p).empty());
+  CHECK(!p.alibi && !p.rotary);
+  CHECK(sizeof(virnuc::varlen::AlibiSlopes) == 4 * virnuc::varlen::kMaxAlibiHeads);
+}
+
 // Attribute fields as the TensorRT plugin receives them (int32 or int64, float32 or float64).
 static void test_attributes() {
   using virnuc::varlen::FieldType;
@@ -130,10 +169,22 @@ static void test_attributes() {
   CHECK(contains(virnuc::varlen::apply_field(a, "scale", FieldType::kInt32, &h32, 1), "float"));
   CHECK(contains(virnuc::varlen::apply_field(a, "num_heads", FieldType::kInt32, &h32, 2), "single"));
   CHECK(!virnuc::varlen::apply_field(a, nullptr, FieldType::kInt32, &h32, 1).empty());
+  // alibi_slopes: a list of float32 or float64, any length (0: none); ints refused.
+  const float s32[3] = {0.5f, 0.25f, 0.125f};
+  const double s64[2] = {0.5, 0.0078125};
+  CHECK(virnuc::varlen::apply_field(a, "alibi_slopes", FieldType::kFloat32, s32, 3).empty());
+  CHECK(a.alibi_slopes.size() == 3 && a.alibi_slopes[2] == 0.125f);
+  CHECK(virnuc::varlen::apply_field(a, "alibi_slopes", FieldType::kFloat64, s64, 2).empty());
+  CHECK(a.alibi_slopes.size() == 2 && a.alibi_slopes[1] == 0.0078125f);
+  CHECK(virnuc::varlen::apply_field(a, "alibi_slopes", FieldType::kFloat32, nullptr, 0).empty());
+  CHECK(a.alibi_slopes.empty());
+  CHECK(contains(virnuc::varlen::apply_field(a, "alibi_slopes", FieldType::kInt32, &h32, 1), "list of floats"));
+  CHECK(!virnuc::varlen::apply_field(a, "alibi_slopes", FieldType::kFloat32, nullptr, 2).empty());
 }
 
 int main() {
   test_validation();
+  test_alibi();
   test_attributes();
   test_slots();
   if (failures != 0) {

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use cudarc::driver::{result, sys};
 
 use crate::CudaError;
-use crate::geometry::{DType, HEAD_DIMS, Problem, kernel_name, launch_config};
+use crate::geometry::{AlibiSlopes, DType, HEAD_DIMS, Problem, kernel_name, launch_config};
 
 /// File name of the artifact `plugins/varlen_attention/build.sh` writes.
 pub const FATBIN_NAME: &str = "varlen_attention.fatbin";
@@ -78,8 +78,14 @@ impl VarlenKernels {
         &self.path
     }
 
-    /// The function for `dtype`/`head_dim` in the current context, loading the module first.
-    fn function(&self, dtype: DType, head_dim: usize) -> Result<sys::CUfunction, CudaError> {
+    /// The function for `dtype`/`head_dim` (the ALiBi kernel with `alibi`) in the current context,
+    /// loading the module first.
+    fn function(
+        &self,
+        dtype: DType,
+        head_dim: usize,
+        alibi: bool,
+    ) -> Result<sys::CUfunction, CudaError> {
         ensure_driver()?;
         let ctx = match result::ctx::get_current().map_err(driver("cuCtxGetCurrent"))? {
             Some(ctx) => ctx,
@@ -105,7 +111,7 @@ impl VarlenKernels {
                 })
             }
         };
-        let name = kernel_name(dtype, head_dim);
+        let name = kernel_name(dtype, head_dim, alibi);
         if let Some(&f) = loaded.functions.get(&name) {
             return Ok(f as sys::CUfunction);
         }
@@ -126,7 +132,7 @@ impl VarlenKernels {
     /// run: `qkv` `[total_tokens, 3·H·D]` and `out` `[total_tokens, H·D]` of `problem.dtype`,
     /// `cu_seqlens` `[batch + 1]` int32 holding valid cumulative lengths ending at
     /// `total_tokens`, and `position_ids` `[total_tokens]` int64 when `problem.rotary` (may be null
-    /// otherwise). `out` must not overlap `qkv`.
+    /// otherwise; ALiBi never reads it). `out` must not overlap `qkv`.
     pub unsafe fn launch(
         &self,
         stream: *mut c_void,
@@ -158,7 +164,12 @@ impl VarlenKernels {
                 "null device pointer for a required input or output".into(),
             ));
         }
-        let f = self.function(problem.dtype, problem.head_dim)?;
+        if problem.alibi.is_some() && problem.rotary {
+            return Err(CudaError::Invalid(
+                "rotary and ALiBi exclude each other".into(),
+            ));
+        }
+        let f = self.function(problem.dtype, problem.head_dim, problem.alibi.is_some())?;
         let mut qkv = ptrs.qkv;
         let mut cu = ptrs.cu_seqlens;
         let mut pos = ptrs.position_ids;
@@ -169,7 +180,8 @@ impl VarlenKernels {
         let mut scale = problem.scale;
         let mut rotary = i32::from(problem.rotary);
         let mut base = problem.rotary_base;
-        let mut params: [*mut c_void; 10] = [
+        let mut alibi = problem.alibi.unwrap_or(AlibiSlopes::NONE);
+        let mut params: [*mut c_void; 11] = [
             (&raw mut qkv).cast(),
             (&raw mut cu).cast(),
             (&raw mut pos).cast(),
@@ -180,11 +192,13 @@ impl VarlenKernels {
             (&raw mut scale).cast(),
             (&raw mut rotary).cast(),
             (&raw mut base).cast(),
+            (&raw mut alibi).cast(),
         ];
-        // SAFETY: `f` comes from this context's module; the 10 parameters match the kernel's
-        // signature (3 device pointers + 1 mutable, 3 int, float, int, float) and live on this
-        // stack frame through the call (the driver copies them); the caller vouches for the
-        // pointers and the stream (see # Safety).
+        // SAFETY: `f` comes from this context's module; the 11 parameters match the kernel's
+        // signature (3 device pointers + 1 mutable, 3 int, float, int, float, and the #[repr(C)]
+        // AlibiSlopes by value, laid out as the C++ struct) and live on this stack frame through
+        // the call (the driver copies them); the caller vouches for the pointers and the stream
+        // (see # Safety).
         unsafe {
             result::launch_kernel(
                 f,
@@ -228,6 +242,7 @@ pub unsafe fn launch_varlen_attention(
     scale: f32,
     rotary: bool,
     rotary_base: f32,
+    alibi: Option<AlibiSlopes>,
 ) -> Result<(), CudaError> {
     let problem = Problem {
         total_tokens,
@@ -238,6 +253,7 @@ pub unsafe fn launch_varlen_attention(
         scale,
         rotary,
         rotary_base,
+        alibi,
     };
     let ptrs = DevicePointers {
         qkv: qkv_ptr,

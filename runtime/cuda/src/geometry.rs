@@ -51,9 +51,48 @@ impl DType {
 /// Head dims with a compiled kernel.
 pub const HEAD_DIMS: [usize; 5] = [16, 24, 32, 64, 128];
 
-/// Name of the entry point for `dtype` and `head_dim` in the fatbin.
-pub fn kernel_name(dtype: DType, head_dim: usize) -> String {
-    format!("virnuc_varlen_attention_{}_d{head_dim}", dtype.tag())
+/// Name of the entry point for `dtype` and `head_dim` in the fatbin: the rotary/no-position kernel,
+/// or with `alibi` the ALiBi one (`virnuc_varlen_attention_alibi_<tag>_d<head_dim>`).
+pub fn kernel_name(dtype: DType, head_dim: usize, alibi: bool) -> String {
+    let mode = if alibi { "alibi_" } else { "" };
+    format!("virnuc_varlen_attention_{mode}{}_d{head_dim}", dtype.tag())
+}
+
+/// Most heads the ALiBi kernels take: their slopes travel by value in the kernel parameters
+/// (`kMaxAlibiHeads` in `varlen_attention_launch.h`).
+pub const MAX_ALIBI_HEADS: usize = 128;
+
+/// The kernels' last parameter, `virnuc::varlen::AlibiSlopes`: one slope per head, zeros after.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct AlibiSlopes {
+    pub slope: [f32; MAX_ALIBI_HEADS],
+}
+
+impl AlibiSlopes {
+    /// No ALiBi (what the rotary kernels are passed).
+    pub const NONE: Self = Self {
+        slope: [0.0; MAX_ALIBI_HEADS],
+    };
+
+    fn from_slice(slopes: &[f32]) -> Self {
+        let mut out = Self::NONE;
+        out.slope[..slopes.len()].copy_from_slice(slopes);
+        out
+    }
+}
+
+impl std::fmt::Debug for AlibiSlopes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let last = self
+            .slope
+            .iter()
+            .rposition(|&s| s != 0.0)
+            .map_or(0, |i| i + 1);
+        f.debug_tuple("AlibiSlopes")
+            .field(&&self.slope[..last])
+            .finish()
+    }
 }
 
 /// Threads per block and query rows per block of the kernel for `dtype` / `head_dim`.
@@ -105,13 +144,15 @@ pub fn launch_config(
 }
 
 /// Attributes of a `com.virnuc:VarlenAttention` node (contract: plugins/varlen_attention/README.md).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Attributes {
     pub num_heads: i64,
     /// `None`: the default `head_dim ** -0.5`.
     pub scale: Option<f32>,
     pub rotary: i64,
     pub rotary_base: f32,
+    /// ALiBi slopes, one per head (contract version 2); empty: no ALiBi.
+    pub alibi_slopes: Vec<f32>,
 }
 
 impl Default for Attributes {
@@ -121,7 +162,47 @@ impl Default for Attributes {
             scale: None,
             rotary: 1,
             rotary_base: 10000.0,
+            alibi_slopes: Vec::new(),
         }
+    }
+}
+
+impl Attributes {
+    /// The ALiBi slopes as the kernels take them, `None` without ALiBi; checks the rules that need
+    /// no shapes (the op checks them when its kernel is created): rotary 0 or 1, and with ALiBi
+    /// rotary = 0 and one finite slope per head, at most [`MAX_ALIBI_HEADS`].
+    pub fn alibi(&self) -> Result<Option<AlibiSlopes>, CudaError> {
+        let bad = |m: String| Err(CudaError::Invalid(m));
+        if !matches!(self.rotary, 0 | 1) {
+            return bad(format!(
+                "attribute rotary must be 0 or 1, got {}",
+                self.rotary
+            ));
+        }
+        let n = self.alibi_slopes.len();
+        if n == 0 {
+            return Ok(None);
+        }
+        if self.rotary == 1 {
+            return bad(
+                "alibi_slopes needs rotary = 0 (rotary and ALiBi exclude each other)".into(),
+            );
+        }
+        if n as i64 != self.num_heads {
+            return bad(format!(
+                "alibi_slopes has {n} entries, expected num_heads ({})",
+                self.num_heads
+            ));
+        }
+        if n > MAX_ALIBI_HEADS {
+            return bad(format!(
+                "ALiBi on the GPU takes at most {MAX_ALIBI_HEADS} heads, got {n}"
+            ));
+        }
+        if let Some(s) = self.alibi_slopes.iter().find(|s| !s.is_finite()) {
+            return bad(format!("alibi_slopes must be finite, got {s}"));
+        }
+        Ok(Some(AlibiSlopes::from_slice(&self.alibi_slopes)))
     }
 }
 
@@ -136,6 +217,8 @@ pub struct Problem {
     pub scale: f32,
     pub rotary: bool,
     pub rotary_base: f32,
+    /// ALiBi mode (the `alibi` kernels) with these slopes; `None`: rotary or no positions.
+    pub alibi: Option<AlibiSlopes>,
 }
 
 impl Problem {
@@ -190,6 +273,7 @@ impl Problem {
             1 => true,
             other => return bad(format!("attribute rotary must be 0 or 1, got {other}")),
         };
+        let alibi = attrs.alibi()?;
         if rotary {
             match position_ids_shape {
                 None => return bad("position_ids is required when rotary = 1".to_string()),
@@ -227,6 +311,7 @@ impl Problem {
             scale,
             rotary,
             rotary_base: attrs.rotary_base,
+            alibi,
         })
     }
 }
@@ -320,6 +405,53 @@ mod tests {
     }
 
     #[test]
+    fn alibi_attributes_validate() {
+        let alibi = |slopes: Vec<f32>, rotary: i64| Attributes {
+            rotary,
+            alibi_slopes: slopes,
+            ..attrs(2)
+        };
+        // DNABERT-S-like call: no position_ids at all.
+        let p = Problem::validate(
+            &alibi(vec![0.5, 0.25], 0),
+            DType::F16,
+            &[7, 384],
+            &[2],
+            None,
+        )
+        .expect("valid");
+        let slopes = p.alibi.expect("ALiBi on");
+        assert_eq!(&slopes.slope[..3], &[0.5, 0.25, 0.0]);
+        assert!(!p.rotary);
+        let cases: [(Attributes, &str); 4] = [
+            (alibi(vec![0.5, 0.25], 1), "rotary = 0"),
+            (alibi(vec![0.5], 0), "expected num_heads (2)"),
+            (alibi(vec![0.5, f32::NAN], 0), "finite"),
+            (
+                Attributes {
+                    num_heads: 129,
+                    ..alibi(vec![0.1; 129], 0)
+                },
+                "at most 128 heads",
+            ),
+        ];
+        for (a, needle) in cases {
+            let width = 3 * a.num_heads * 64;
+            let err = Problem::validate(&a, DType::F16, &[7, width], &[2], None)
+                .expect_err(needle)
+                .to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+        // The C++ side has the same limit and layout.
+        let header = include_str!("../../../plugins/varlen_attention/varlen_attention_launch.h");
+        assert!(header.contains(&format!(
+            "constexpr int kMaxAlibiHeads = {MAX_ALIBI_HEADS};"
+        )));
+        assert!(header.contains("float slope[kMaxAlibiHeads];"));
+        assert_eq!(std::mem::size_of::<AlibiSlopes>(), 4 * MAX_ALIBI_HEADS);
+    }
+
+    #[test]
     fn geometry_matches_the_cpp_header_and_kernel() {
         // The C++ table (TensorRT plugin / host launcher) and the kernel's own constants.
         let header = include_str!("../../../plugins/varlen_attention/varlen_attention_launch.h");
@@ -334,11 +466,10 @@ mod tests {
         assert_eq!(block_shape(DType::F32, 16), (128, 32));
         for dt in [DType::F32, DType::F16, DType::BF16] {
             for d in HEAD_DIMS {
-                assert!(
-                    kernel.contains(&format!("({}, ", kernel_name(dt, d))),
-                    "{} missing",
-                    kernel_name(dt, d)
-                );
+                for alibi in [false, true] {
+                    let name = kernel_name(dt, d, alibi);
+                    assert!(kernel.contains(&format!("({name}, ")), "{name} missing");
+                }
             }
         }
     }

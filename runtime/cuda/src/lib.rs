@@ -8,7 +8,9 @@
 //!   provider (device pointers in and out, the EP's compute stream).
 //!
 //! Everything that can be checked without a GPU is pure and tested here: validation of shapes
-//! and attributes ([`Problem::validate`]) and the launch geometry ([`launch_config`]).
+//! and attributes ([`Problem::validate`]) and the launch geometry ([`launch_config`]). Contract
+//! version 2: the ALiBi mode (`alibi_slopes`) runs the `virnuc_varlen_attention_alibi_*` kernels,
+//! the slopes passed by value ([`AlibiSlopes`], at most [`MAX_ALIBI_HEADS`] heads).
 //!
 //! ```
 //! use virnuc_cuda::{Attributes, DType, Problem};
@@ -31,14 +33,15 @@ pub use driver::{
     launch_varlen_attention,
 };
 pub use geometry::{
-    Attributes, DType, HEAD_DIMS, LaunchConfig, Problem, block_shape, kernel_name, launch_config,
+    AlibiSlopes, Attributes, DType, HEAD_DIMS, LaunchConfig, MAX_ALIBI_HEADS, Problem, block_shape,
+    kernel_name, launch_config,
 };
 pub use ort_op::{
     CUDA_EP, DOMAIN, OP_TYPE, VarlenAttentionCuda, add_cuda_operators, cuda_operator_domain,
 };
 
 /// Version of the op contract this crate implements (`VARLEN_ATTENTION_VERSION` in the README).
-pub const VARLEN_ATTENTION_VERSION: &str = "1";
+pub const VARLEN_ATTENTION_VERSION: &str = "2";
 
 /// Why the CUDA path cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +130,7 @@ mod tests {
             scale: 0.1,
             rotary: true,
             rotary_base: 10000.0,
+            alibi: None,
         };
         let ptrs = DevicePointers {
             qkv: 1,

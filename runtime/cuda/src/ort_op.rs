@@ -113,6 +113,22 @@ impl Operator for VarlenAttentionCuda {
         kctx: &KernelContext<'attr>,
     ) -> ort::Result<Self::Kernel<'attr>> {
         let defaults = Attributes::default();
+        // As the CPU op: ONNX Runtime reads a single float or a list of ints as an empty float
+        // list, which would pass as "no ALiBi".
+        let alibi_slopes = kctx
+            .get::<Vec<f32>>("alibi_slopes")
+            .filter(|s| !s.is_empty());
+        if alibi_slopes.is_none()
+            && (kctx.get::<f32>("alibi_slopes").is_some()
+                || kctx.get::<i64>("alibi_slopes").is_some()
+                || kctx
+                    .get::<Vec<i64>>("alibi_slopes")
+                    .is_some_and(|v| !v.is_empty()))
+        {
+            return Err(ort::Error::new(
+                "VarlenAttention: attribute alibi_slopes must be a list of floats",
+            ));
+        }
         let attrs = Attributes {
             num_heads: kctx.get::<i64>("num_heads").ok_or_else(|| {
                 ort::Error::new("VarlenAttention: required attribute num_heads is missing")
@@ -122,18 +138,12 @@ impl Operator for VarlenAttentionCuda {
             rotary_base: kctx
                 .get::<f32>("rotary_base")
                 .unwrap_or(defaults.rotary_base),
+            alibi_slopes: alibi_slopes.unwrap_or_default(),
         };
-        // Contract version 2's ALiBi mode has no kernel here yet: refuse it rather than run the
-        // node without its bias.
-        if kctx
-            .get::<Vec<f32>>("alibi_slopes")
-            .is_some_and(|s| !s.is_empty())
-            || kctx.get::<f32>("alibi_slopes").is_some()
-        {
-            return Err(ort::Error::new(
-                "VarlenAttention: alibi_slopes (ALiBi) is not supported by this CUDA kernel build",
-            ));
-        }
+        // Attribute errors (rotary with ALiBi, slope count) when the session is created.
+        attrs
+            .alibi()
+            .map_err(|e| ort::Error::new(format!("VarlenAttention: {e}")))?;
         let node = kctx.node_name().unwrap_or_default();
         Ok(VarlenKernel {
             attrs,

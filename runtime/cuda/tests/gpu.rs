@@ -35,7 +35,8 @@ impl Rng {
     }
 }
 
-/// The contract in float64 (angles as float32 products, as the README specifies).
+/// The contract in float64 (angles as float32 products, as the README specifies); with `alibi`
+/// (one slope per head) the scores get `− slope · |i − j|`, offsets within the sequence.
 fn reference(
     qkv: &[f64],
     lens: &[usize],
@@ -43,6 +44,7 @@ fn reference(
     d: usize,
     scale: f64,
     rotary: bool,
+    alibi: &[f64],
 ) -> Vec<f64> {
     let width = 3 * heads * d;
     let total: usize = lens.iter().sum();
@@ -77,9 +79,14 @@ fn reference(
             let vs: Vec<Vec<f64>> = (0..len).map(|j| vec_of(start + j, 2, j)).collect();
             for i in 0..len {
                 let q = vec_of(start + i, 0, i);
+                let slope = alibi.get(h).copied().unwrap_or(0.0);
                 let s: Vec<f64> = ks
                     .iter()
-                    .map(|k| scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>())
+                    .enumerate()
+                    .map(|(j, k)| {
+                        scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>()
+                            - slope * i.abs_diff(j) as f64
+                    })
                     .collect();
                 let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
@@ -150,7 +157,8 @@ fn launch<T: DeviceRepr + ValidAsZeroBits + Clone + Unpin>(
     s.clone_dtoh(&d_out).expect("d2h")
 }
 
-/// Runs one case through `VarlenKernels::launch`; returns the output as f64 (NaN-poisoned first).
+/// Runs one case through `VarlenKernels::launch`; returns the output as f64 (NaN-poisoned first)
+/// and the float64 reference. Non-empty `alibi`: ALiBi mode with these slopes (rotary off).
 #[allow(clippy::too_many_arguments)]
 fn run_case(
     g: &Gpu,
@@ -161,6 +169,7 @@ fn run_case(
     heads: usize,
     d: usize,
     rotary: bool,
+    alibi: &[f32],
 ) -> (Vec<f64>, Vec<f64>) {
     let total: usize = lens.iter().sum();
     let mut cu = vec![0i32];
@@ -189,14 +198,17 @@ fn run_case(
     let attrs = Attributes {
         num_heads: heads as i64,
         rotary: i64::from(rotary),
+        alibi_slopes: alibi.to_vec(),
         ..Attributes::default()
     };
+    // ALiBi calls carry no position_ids (the contract lets them be absent).
+    let pos_shape = [total as i64];
     let problem = Problem::validate(
         &attrs,
         dtype,
         &[total as i64, (3 * heads * d) as i64],
         &[cu.len() as i64],
-        Some(&[total as i64]),
+        alibi.is_empty().then_some(&pos_shape[..]),
     )
     .expect("valid problem");
     let s = &g.stream;
@@ -228,8 +240,16 @@ fn run_case(
         d,
         (d as f64).powf(-0.5) as f32 as f64,
         rotary,
+        &alibi.iter().map(|&s| f64::from(s)).collect::<Vec<_>>(),
     );
     (got, want)
+}
+
+/// DNABERT-S's ALiBi slopes (2^-1 … 2^-8, then 2^-0.5 … 2^-3.5), cycled over `heads`.
+fn dnabert_slopes(heads: usize) -> Vec<f32> {
+    let mut s: Vec<f32> = (1..=8).map(|k| 2f32.powi(-k)).collect();
+    s.extend([-0.5f32, -1.5, -2.5, -3.5].map(f32::exp2));
+    s.into_iter().cycle().take(heads).collect()
 }
 
 #[test]
@@ -250,7 +270,7 @@ fn rust_launch_matches_float64_reference() {
                 let qkv: Vec<f64> = (0..total * 3 * heads * d)
                     .map(|_| rng.uniform() * 2.0)
                     .collect();
-                let (got, want) = run_case(&g, &kernels, dtype, &qkv, &lens, heads, d, rotary);
+                let (got, want) = run_case(&g, &kernels, dtype, &qkv, &lens, heads, d, rotary, &[]);
                 assert!(
                     got.iter().all(|x| x.is_finite()),
                     "{dtype:?} D={d}: unwritten or non-finite output"
@@ -272,6 +292,62 @@ fn rust_launch_matches_float64_reference() {
         "{} cases through the Rust loader, all within tolerance",
         worst.len()
     );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and the built fatbin (run on the GPU machine)"]
+fn rust_launch_in_alibi_mode_matches_float64_reference() {
+    // Every dtype and head dim in ALiBi mode; at D = 64 DNABERT-S's 12 heads with one sequence of
+    // 2600 tokens (no length limit) among short ones.
+    let g = gpu();
+    let kernels = VarlenKernels::open(&kernel_dir()).expect("fatbin built");
+    let mut rng = Rng(0x51ab_1e5e_ed00_0001 ^ std::process::id() as u64);
+    let mut cases = 0;
+    for d in HEAD_DIMS {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let (heads, mut lens) = if d == 64 {
+                (12, vec![1, 2600, 7, 130])
+            } else {
+                let n = 1 + rng.below(12);
+                (4, (0..n).map(|_| 1 + rng.below(300)).collect())
+            };
+            lens.push(0);
+            let total: usize = lens.iter().sum();
+            let qkv: Vec<f64> = (0..total * 3 * heads * d)
+                .map(|_| rng.uniform() * 2.0)
+                .collect();
+            let slopes = dnabert_slopes(heads);
+            let (got, want) = run_case(&g, &kernels, dtype, &qkv, &lens, heads, d, false, &slopes);
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "{dtype:?} D={d} ALiBi: unwritten or non-finite output"
+            );
+            let err = rel_err(&got, &want);
+            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-3 };
+            println!("{dtype:?} D={d:3} ALiBi H={heads:2} tokens={total:5} rel_err={err:.2e}");
+            assert!(
+                err <= tol,
+                "{dtype:?} D={d} ALiBi: rel err {err:.3e} > {tol:e}"
+            );
+            // Negative controls on the DNABERT-S-shaped fp16 output: references with the slopes in
+            // reversed head order and without ALiBi must be far from it.
+            if d == 64 && dtype == DType::F16 {
+                let reversed: Vec<f32> = slopes.iter().rev().copied().collect();
+                let (_, want_reversed) =
+                    run_case(&g, &kernels, dtype, &qkv, &lens, heads, d, false, &reversed);
+                let (_, want_plain) =
+                    run_case(&g, &kernels, dtype, &qkv, &lens, heads, d, false, &[]);
+                let (e_rev, e_plain) = (rel_err(&got, &want_reversed), rel_err(&got, &want_plain));
+                println!("  control: vs reversed slopes {e_rev:.2e}, vs no ALiBi {e_plain:.2e}");
+                assert!(
+                    e_rev > 10.0 * tol && e_plain > 10.0 * tol,
+                    "the ALiBi check cannot tell wrong slopes apart"
+                );
+            }
+            cases += 1;
+        }
+    }
+    println!("{cases} ALiBi cases through the Rust loader, all within tolerance");
 }
 
 #[test]

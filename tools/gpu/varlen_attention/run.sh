@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # One device call: correctness, negative control, compute-sanitizer, speed. Results under $OUT.
+# Every step covers both kernel families of contract version 2: rotary/no positions and ALiBi
+# (check: ALiBi cases with DNABERT-S's 12 slopes up to 2600 tokens; control: ALiBi dropped, slopes
+# reversed, query offset from the pack start must fail; sanitize/racecheck: the quick set includes
+# an ALiBi pack; rust: runtime/cuda/tests/gpu.rs's ALiBi test; bench: an ours_alibi time).
 # Run from the project root on the GPU machine, carrying build/varlen_attention (the fatbin built
 # here by plugins/varlen_attention/build.sh):
 #   bash tools/gpu/varlen_attention/run.sh [check|control|sanitize|racecheck|bench]...   (default: all)

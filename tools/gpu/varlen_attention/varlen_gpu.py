@@ -4,10 +4,11 @@ Loads the fatbin that plugins/varlen_attention/build.sh built (carried to the de
 and launches the kernels on torch tensors (zero-copy through DLPack), so what runs is exactly the
 artifact the Rust runtime loads.
 
-    python3 varlen_gpu.py check  [--quick] [--out FILE]   # float64 reference, every head dim
+    python3 varlen_gpu.py check  [--quick] [--out FILE]   # float64 reference, every head dim, rotary,
+                                                          # no positions and ALiBi (contract v2)
     python3 varlen_gpu.py bench  [--out FILE]             # attention-only timing vs torch flash varlen
     python3 varlen_gpu.py bench-d128 [--out FILE]         # the same at head_dim 128 (ESM-2 15B)
-    python3 varlen_gpu.py control                         # shows the checks can fail
+    python3 varlen_gpu.py control                         # shows the checks can fail (ALiBi too)
 
 Runs only where torch sees a GPU and CuPy is installed (the device image has both).
 """
@@ -31,6 +32,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[3]
 FATBIN = Path(os.environ.get("VARLEN_FATBIN", ROOT / "build/varlen_attention/varlen_attention.fatbin"))
 HEAD_DIMS = (16, 24, 32, 64, 128)
+# The ALiBi kernels' last parameter, virnuc::varlen::AlibiSlopes (varlen_attention_launch.h): 128
+# float32 slopes by value (CuPy passes a structured NumPy scalar as a struct).
+MAX_ALIBI_HEADS = 128
+ALIBI_T = np.dtype({"names": ["slope"], "formats": [(np.float32, (MAX_ALIBI_HEADS,))]})
+# DNABERT-S's ALiBi slopes: 2^-1 ... 2^-8, then 2^-0.5 ... 2^-3.5 (float32).
+DNABERT_SLOPES = [2.0**-k for k in range(1, 9)] + [2.0**-x for x in (0.5, 1.5, 2.5, 3.5)]
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """DNABERT-S's slopes cycled over `heads` (rounded to float32, as the kernel gets them)."""
+    return [float(np.float32(DNABERT_SLOPES[h % 12])) for h in range(heads)]
+
+
+def alibi_arg(slopes: list[float] | None) -> np.ndarray:
+    buf = np.zeros(MAX_ALIBI_HEADS, dtype=np.float32)
+    if slopes:
+        buf[: len(slopes)] = slopes
+    return buf.view(ALIBI_T)
+
+
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 2e-3}
 # Launch geometry (plugins/varlen_attention/varlen_attention_launch.h); VARLEN_GEOMETRY=v1 selects
@@ -65,8 +86,8 @@ class Kernels:
         self.module = cupy.RawModule(path=str(path))
         self.cache: dict[str, Any] = {}
 
-    def get(self, dtype: str, head_dim: int) -> Any:
-        name = f"virnuc_varlen_attention_{dtype}_d{head_dim}"
+    def get(self, dtype: str, head_dim: int, alibi: bool = False) -> Any:
+        name = f"virnuc_varlen_attention_{'alibi_' if alibi else ''}{dtype}_d{head_dim}"
         if name not in self.cache:
             self.cache[name] = self.module.get_function(name)
         return self.cache[name]
@@ -82,7 +103,9 @@ class Kernels:
         scale: float,
         rotary: bool,
         base: float = 10000.0,
+        alibi: list[float] | None = None,
     ) -> None:
+        """`alibi`: ALiBi mode with these slopes (one per head; rotary must then be off)."""
         total = qkv.shape[0]
         head_dim = qkv.shape[1] // (3 * heads)
         batch = cu.shape[0] - 1
@@ -92,7 +115,7 @@ class Kernels:
         grid = (total // block_m + batch, heads, 1)
         stream = cupy.cuda.Stream.from_external(torch.cuda.current_stream())
         with stream:
-            self.get(dtype, head_dim)(
+            self.get(dtype, head_dim, bool(alibi))(
                 grid,
                 (threads, 1, 1),
                 (
@@ -106,6 +129,7 @@ class Kernels:
                     np.float32(scale),
                     np.int32(1 if rotary else 0),
                     np.float32(base),
+                    alibi_arg(alibi),
                 ),
             )
 
@@ -136,9 +160,19 @@ def inv_freq_f32(head_dim: int, base: float) -> torch.Tensor:
 
 
 def reference(
-    pack: dict, heads: int, head_dim: int, scale: float, rotary: bool, base: float = 10000.0
+    pack: dict,
+    heads: int,
+    head_dim: int,
+    scale: float,
+    rotary: bool,
+    base: float = 10000.0,
+    alibi: list[float] | None = None,
+    alibi_query_from_pack_start: bool = False,
 ) -> torch.Tensor:
-    """The contract in float64 (angles in float32 as specified), one sequence at a time."""
+    """The contract in float64 (angles in float32 as specified), one sequence at a time.
+
+    `alibi`: scores - slope_h * |i - j|, i and j offsets in the sequence; for the negative control,
+    `alibi_query_from_pack_start` counts the query's offset from the pack start instead."""
     qkv = pack["qkv"].double()
     total = qkv.shape[0]
     x = qkv.view(total, 3, heads, head_dim)
@@ -161,7 +195,14 @@ def reference(
         if s == e:
             continue
         qs, ks, vs = q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
-        p = torch.softmax(scale * qs @ ks.transpose(1, 2), dim=-1)
+        scores = scale * qs @ ks.transpose(1, 2)
+        if alibi:
+            offsets = torch.arange(e - s, dtype=torch.float64, device="cuda")
+            rows = offsets + (s if alibi_query_from_pack_start else 0)
+            dist = (rows[:, None] - offsets[None, :]).abs()
+            slopes = torch.tensor(alibi, dtype=torch.float64, device="cuda")
+            scores = scores - slopes[:, None, None] * dist[None]
+        p = torch.softmax(scores, dim=-1)
         out[s:e] = (p @ vs).transpose(0, 1)
     return out.reshape(total, heads * head_dim)
 
@@ -173,6 +214,7 @@ class Case:
     heads: int
     rotary: bool = True
     scale: float | None = None
+    alibi: bool = False  # ALiBi kernels, DNABERT-S's slopes cycled over the heads, rotary off
 
 
 def cases(head_dim: int, rng: np.random.Generator, quick: bool) -> list[Case]:
@@ -186,9 +228,21 @@ def cases(head_dim: int, rng: np.random.Generator, quick: bool) -> list[Case]:
         Case("pack37-broad", rng.integers(1, 1025, 37).tolist(), heads),
         Case("no-rotary", rng.integers(1, 300, 9).tolist(), heads, rotary=False),
         Case("scale-0.3", rng.integers(1, 300, 9).tolist(), heads, scale=0.3),
+        # ALiBi (contract version 2): 12 heads as DNABERT-S, one sequence far past its 512 tokens.
+        Case("alibi-single-1", [1], 12, rotary=False, alibi=True),
+        Case("alibi-tile-edges", [63, 64, 65, 31, 32, 33, 127, 128, 129, 1, 2], 12, False, alibi=True),
+        Case("alibi-pack37", rng.integers(1, 1025, 37).tolist(), 12, False, alibi=True),
+        Case("alibi-2600", [5, 2600, 0, 70], 12, False, alibi=True),
+        Case("alibi-scale-neg", rng.integers(1, 300, 9).tolist(), 12, False, scale=-0.2, alibi=True),
     ]
     if quick:
-        return [out[0], out[2], out[3], Case("small-pack", [3, 100, 17], heads)]
+        return [
+            out[0],
+            out[2],
+            out[3],
+            Case("small-pack", [3, 100, 17], heads),
+            Case("alibi-small-pack", [3, 100, 0, 17], 12, False, alibi=True),
+        ]
     return out
 
 
@@ -213,11 +267,20 @@ def run_check(quick: bool, out_path: Path | None) -> bool:
                 out = torch.full(
                     (total, case.heads * head_dim), float("nan"), dtype=DTYPES[dtype], device="cuda"
                 )
+                slopes = alibi_slopes(case.heads) if case.alibi else None
                 kernels.launch(
-                    dtype, pack["qkv"], pack["cu"], pack["pos"], out, case.heads, scale, case.rotary
+                    dtype,
+                    pack["qkv"],
+                    pack["cu"],
+                    pack["pos"],
+                    out,
+                    case.heads,
+                    scale,
+                    case.rotary,
+                    alibi=slopes,
                 )
                 torch.cuda.synchronize()
-                ref = reference(pack, case.heads, head_dim, scale, case.rotary)
+                ref = reference(pack, case.heads, head_dim, scale, case.rotary, alibi=slopes)
                 finite = bool(torch.isfinite(out).all())
                 err = rel_err(out, ref) if total else 0.0
                 passed = finite and err <= TOLERANCE[dtype]
@@ -227,6 +290,7 @@ def run_check(quick: bool, out_path: Path | None) -> bool:
                         "dtype": dtype,
                         "head_dim": head_dim,
                         "case": case.name,
+                        "mode": "alibi" if case.alibi else "rotary" if case.rotary else "none",
                         "sequences": len(case.lengths),
                         "tokens": total,
                         "max_len": max(case.lengths),
@@ -240,13 +304,13 @@ def run_check(quick: bool, out_path: Path | None) -> bool:
                     f"{flag} {dtype:4} D={head_dim:3} {case.name:14} B={len(case.lengths):3} "
                     f"T={total:6} rel={err:.2e}"
                 )
-    worst = {}
+    worst: dict[tuple[str, int, str], float] = {}
     for r in rows:
-        key = (r["dtype"], r["head_dim"])
+        key = (r["dtype"], r["head_dim"], "alibi" if r["mode"] == "alibi" else "rotary/none")
         worst[key] = max(worst.get(key, 0.0), r["rel_err"])
-    print("\nworst relative error per dtype / head dim (tolerance f32 1e-5, f16/bf16 2e-3):")
-    for (dtype, d), e in sorted(worst.items()):
-        print(f"  {dtype:4} D={d:3}: {e:.2e}")
+    print("\nworst relative error per dtype / head dim / mode (tolerance f32 1e-5, f16/bf16 2e-3):")
+    for (dtype, d, mode), e in sorted(worst.items()):
+        print(f"  {dtype:4} D={d:3} {mode:11}: {e:.2e}")
     print(f"{len(rows)} cases, {'ALL PASS' if ok else 'FAILURES'}")
     if out_path:
         out_path.write_text(json.dumps({"cases": rows, "pass": ok}, indent=1))
@@ -275,6 +339,25 @@ def run_control() -> bool:
         f"one unwritten element detected: {not bool(torch.isfinite(unwritten).all())}"
     )
     ok = good <= 2e-3 and no_rot > 2e-3 and wrong_bounds > 2e-3 and not bool(torch.isfinite(unwritten).all())
+    # ALiBi (DNABERT-S's 12 heads): the kernel's output against references without ALiBi, with the
+    # slopes in reversed head order, and with the query offset counted from the pack start.
+    heads = 12
+    slopes = alibi_slopes(heads)
+    pack = make_pack([50, 80, 33], heads, head_dim, torch.float16, gen)
+    out = torch.full((163, heads * head_dim), float("nan"), dtype=torch.float16, device="cuda")
+    kernels.launch("f16", pack["qkv"], pack["cu"], pack["pos"], out, heads, 0.125, False, alibi=slopes)
+    torch.cuda.synchronize()
+    a_good = rel_err(out, reference(pack, heads, head_dim, 0.125, False, alibi=slopes))
+    a_none = rel_err(out, reference(pack, heads, head_dim, 0.125, False))
+    a_rev = rel_err(out, reference(pack, heads, head_dim, 0.125, False, alibi=slopes[::-1]))
+    a_glob = rel_err(
+        out, reference(pack, heads, head_dim, 0.125, False, alibi=slopes, alibi_query_from_pack_start=True)
+    )
+    print(
+        f"control ALiBi: contract {a_good:.2e} (must pass), reference without ALiBi {a_none:.2e}, "
+        f"slopes reversed {a_rev:.2e}, query offset from the pack start {a_glob:.2e} (all must exceed 2e-3)"
+    )
+    ok &= a_good <= 2e-3 and a_none > 2e-3 and a_rev > 2e-3 and a_glob > 2e-3
     print("control:", "checks can fail (OK)" if ok else "CONTROL BROKEN")
     return ok
 
@@ -375,6 +458,11 @@ def run_bench(out_path: Path | None, configs: list | None = None) -> None:
             def ours_norot() -> None:
                 kernels.launch(tag, qkv, cu, pos, out, heads, scale, False)  # noqa: B023
 
+            slopes = alibi_slopes(heads)
+
+            def ours_alibi() -> None:
+                kernels.launch(tag, qkv, cu, pos, out, heads, scale, False, alibi=slopes)  # noqa: B023
+
             def torch_flash() -> None:
                 flash(x[:, 0], x[:, 1], x[:, 2], cu, cu, max_len, max_len, 0.0, False, False, scale=scale)  # noqa: B023
 
@@ -405,6 +493,7 @@ def run_bench(out_path: Path | None, configs: list | None = None) -> None:
                 for name, f in (
                     ("ours_rotary", ours_rot),
                     ("ours_no_rotary", ours_norot),
+                    ("ours_alibi", ours_alibi),
                     ("torch_flash", torch_flash),
                     ("torch_rotary_flash", torch_rot_flash),
                 )

@@ -14,6 +14,8 @@
 #include <cuda_fp16.h>
 #include <ucontext.h>
 
+#include "varlen_attention_launch.h"  // AlibiSlopes: the kernels' last parameter
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -49,7 +51,6 @@ struct Copy {
 };
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
   Dim tid;
   bool done = false;
   std::vector<Copy> open;               // cp.async since the last commit
@@ -240,7 +241,7 @@ namespace emu {
 using virnuc::cp_async_commit;
 using virnuc::cp_async_wait;
 using Kernel = void (*)(const void*, const int*, const long long*, void*, int, int, int, float, int,
-                        float);
+                        float, virnuc::varlen::AlibiSlopes);
 struct LaunchArgs {
   Kernel k;
   const void* qkv;
@@ -251,11 +252,12 @@ struct LaunchArgs {
   float scale;
   int rotary;
   float base;
+  virnuc::varlen::AlibiSlopes alibi;
 };
 inline LaunchArgs* args = nullptr;
 inline void fiber_main() {
   const LaunchArgs& a = *args;
-  a.k(a.qkv, a.cu, a.pos, a.out, a.total, a.batch, a.heads, a.scale, a.rotary, a.base);
+  a.k(a.qkv, a.cu, a.pos, a.out, a.total, a.batch, a.heads, a.scale, a.rotary, a.base, a.alibi);
   // Pending cp.async groups of a thread that left land (as they would on the hardware).
   cp_async_commit();
   cp_async_wait<0>();
@@ -270,6 +272,9 @@ inline void launch(LaunchArgs a, unsigned gx, unsigned gy, unsigned threads) {
   eager_copies = mode != nullptr && std::string(mode) == "eager";
   std::vector<Fiber> fs(threads);
   fibers = &fs;
+  // One stack per thread for the whole grid (allocating and zeroing 256 KiB per thread per block
+  // took most of the emulator's time).
+  std::vector<std::vector<char>> stacks(threads, std::vector<char>(1 << 18));
   block_dim = {threads, 1, 1};
   warp_gen.assign(threads / 32, 0);
   warp_count.assign(threads / 32, 0);
@@ -281,10 +286,9 @@ inline void launch(LaunchArgs a, unsigned gx, unsigned gy, unsigned threads) {
         Fiber& f = fs[t];
         f = Fiber();
         f.tid = {t, 0, 0};
-        f.stack.resize(1 << 18);
         getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.data();
-        f.ctx.uc_stack.ss_size = f.stack.size();
+        f.ctx.uc_stack.ss_sp = stacks[t].data();
+        f.ctx.uc_stack.ss_size = stacks[t].size();
         f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, fiber_main, 0);
       }
