@@ -18,7 +18,7 @@ Every tool gets identical weights (the exporter's seeded RandomWeights) and the 
 row reports tokens/s (real tokens), seq/s, GPU busy % (NVML), peak GPU memory, padding share, % of the
 arithmetic limit (24*H^2*layers FLOPs/token over an fp16 matmul ceiling measured in the same run) and the
 cosine (min/mean per sequence) of its mean embeddings against the reference run: virnuc-trt fp32, else
-virnuc-trt fp16, else hf-eager fp32 (also found in --work from an earlier piece of the same session).
+virnuc-trt fp16, else hf-eager fp32 (also found in --work from an earlier piece of the same run).
 
 Workloads (`--workloads`, each --max-tokens tokens, default 200000 on GPU, 20000 on CPU):
   chunk500  500 bp chunks of klebsiella_HS11286.fna.gz + lambda_virus.fa (tests/fixtures, so a fresh
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, default=DEFAULT_DATA)
     s.add_argument("--stage", type=Path, default=DEFAULT_STAGE)
 
-    t = sub.add_parser("table", help="merge result JSON files (pieces of one session) into one table")
+    t = sub.add_parser("table", help="merge result JSON files (pieces of one run) into one table")
     t.add_argument("files", nargs="+", type=Path)
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--tag", default="bench-merged")
@@ -353,7 +353,7 @@ def row_from(
 
 
 class Bench:
-    """One benchmark session: the context, the rows so far, and how each tool is run and measured."""
+    """One benchmark run: the context, the rows so far, and how each tool is run and measured."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         import torch

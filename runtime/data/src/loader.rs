@@ -601,9 +601,18 @@ fn open_input(input: Input, progress: &InputProgress) -> Result<Option<BoxRead>,
         ),
         None => e.to_string(),
     })?;
-    // One byte cannot hold a record (needletail needs two to tell FASTA from FASTQ).
-    if n < 2 {
-        return Ok(None);
+    // One byte cannot hold a record (needletail needs two to tell FASTA from FASTQ): a line break
+    // is an empty file, anything else is not what it should be.
+    match (n, head[0]) {
+        (0, _) => return Ok(None),
+        (1, b) if b.is_ascii_whitespace() => return Ok(None),
+        (1, b) => {
+            return Err(format!(
+                "it holds one byte ({:?}), which is no FASTA/FASTQ record",
+                char::from(b)
+            ));
+        }
+        _ => {}
     }
     Ok(Some(Box::new(
         std::io::Cursor::new(head[..n].to_vec()).chain(decoded),

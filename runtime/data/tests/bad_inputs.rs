@@ -288,9 +288,14 @@ fn regression_compressed_file_of_nothing_is_empty() {
         .unwrap();
     let f = write(dir.path(), "nothing.fa.gz", &gz);
     let g = write(dir.path(), "nothing.fa.bz2", &bz2(b""));
-    let (_, report) = run(config(vec![f, g, fixture("lambda_virus.fa")]));
-    assert!(report.files[0].empty && report.files[1].empty);
+    let h = write(dir.path(), "newline.fa", b"\n");
+    let (_, report) = run(config(vec![f, g, h, fixture("lambda_virus.fa")]));
+    assert!(report.files[0].empty && report.files[1].empty && report.files[2].empty);
     assert_eq!(report.records_read, 1);
+    // One byte that is not a line break is not an empty file.
+    let one = write(dir.path(), "one.fa", b"A");
+    let (_, msg, _) = run_err(config(vec![one]));
+    assert!(msg.contains("one.fa") && msg.contains("one byte"), "{msg}");
 }
 
 #[test]
