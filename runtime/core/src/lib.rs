@@ -1,6 +1,6 @@
-//! The small core every virnuc-trt crate shares: the ESM-2 alphabet, the packed batch handed from the
-//! data path to an engine, the model configuration (`models/*.yaml`) and the metadata the exporter
-//! writes next to each ONNX graph.
+//! The small core every virnuc-trt crate shares: the model families ([`family`]), the ESM-2 alphabet,
+//! the packed batch handed from the data path to an engine, the model configuration (`models/*.yaml`)
+//! and the metadata the exporter writes next to each ONNX graph.
 //!
 //! ```
 //! use virnuc_core::{PackedBatch, SequenceMeta, alphabet};
@@ -15,6 +15,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub mod alphabet;
+pub mod family;
+
+pub use family::{FrameInput, ModelFamily, Pooling, TokenizerKind, TokenizerSpec};
 
 /// Errors reading the shared configuration files.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +50,8 @@ pub struct SequenceMeta {
     pub record: u64,
     /// Output id, e.g. `contig7_chunk_2F1` in nucleotide mode or the FASTA id in protein mode.
     pub id: String,
-    /// Residues, `<cls>`/`<eos>` excluded.
+    /// Tokens between the two special tokens: residues for ESM-2 (`<cls>`/`<eos>` excluded), BPE
+    /// tokens for DNABERT-S (`[CLS]`/`[SEP]` excluded).
     pub residues: u32,
 }
 
@@ -78,9 +82,10 @@ impl Default for PackedBatch {
 }
 
 impl PackedBatch {
-    /// Appends one tokenized sequence (`<cls>` … `<eos>` included).
-    pub fn push(&mut self, meta: SequenceMeta, tokens: &[u8]) {
-        self.input_ids.extend(tokens.iter().map(|&t| i64::from(t)));
+    /// Appends one tokenized sequence, special tokens included (`<cls>` … `<eos>`, `[CLS]` … `[SEP]`).
+    /// Takes ids of any width (`u8` ESM-2 tokens, `u32` BPE ids).
+    pub fn push<T: Copy + Into<i64>>(&mut self, meta: SequenceMeta, tokens: &[T]) {
+        self.input_ids.extend(tokens.iter().map(|&t| t.into()));
         self.position_ids.extend(0..tokens.len() as i64);
         self.cu_seqlens.push(self.input_ids.len() as i32);
         self.max_seqlen = self.max_seqlen.max(tokens.len());
@@ -106,46 +111,13 @@ impl PackedBatch {
     }
 }
 
-/// A model family: it decides the graph, the tokenizer and the pooling rule (`family` in
-/// `models/*.yaml` and `model.json`; absent means ESM-2, as in files written before DNABERT-S).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelFamily {
-    /// ESM-2 protein language models (fair-esm / HF `EsmModel`).
-    #[default]
-    Esm2,
-    /// DNABERT-S / DNABERT-2 (MosaicBERT: ALiBi, post-LN, GeGLU, BPE tokenizer).
-    DnabertS,
-}
-
-/// How the graph's `mean` output pools the token states of a sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pooling {
-    /// Mean over residues: tokens 1 .. len-2 (`<cls>`/`<eos>` left out), ESM-2's rule.
-    #[default]
-    MeanResidues,
-    /// Mean over every token, `[CLS]`/`[SEP]` included (VirNucPro's rule for DNABERT-S).
-    MeanAllTokens,
-}
-
-/// The tokenizer a model was exported with (`tokenizer` in `model.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum TokenizerSpec {
-    /// The fixed ESM-2 alphabet (`alphabet` in `model.json`).
-    #[default]
-    Esm2Alphabet,
-    /// A Hugging Face `tokenizers` file beside the graph (path relative to the export folder) with
-    /// its sha256.
-    HfTokenizers { file: String, sha256: String },
-}
-
-/// An ESM-2 architecture, as in `models/*.yaml` (shared with the Python exporter).
+/// A model architecture, as in `models/*.yaml` (shared with the Python exporter). The ESM-2-only
+/// fields are present exactly for the ESM-2 family ([`ModelConfig::from_yaml_str`] checks it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub name: String,
+    /// Absent in older configs: ESM-2.
     #[serde(default)]
     pub family: ModelFamily,
     pub checkpoint: String,
@@ -155,11 +127,19 @@ pub struct ModelConfig {
     pub num_heads: u32,
     pub ffn_size: u32,
     pub vocab_size: u32,
-    pub max_positions: u32,
-    pub max_residues: u32,
     pub layer_norm_eps: f64,
-    pub rotary_base: f64,
-    pub token_dropout_scale: f64,
+    /// ESM-2: learned-position legacy size (1022 residues + 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_positions: Option<u32>,
+    /// ESM-2: residues fair-esm keeps per sequence (1022).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_residues: Option<u32>,
+    /// ESM-2: rotary embedding base (10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotary_base: Option<f64>,
+    /// ESM-2: token-dropout rescale at inference (0.88).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_dropout_scale: Option<f64>,
 }
 
 impl ModelConfig {
@@ -176,13 +156,65 @@ impl ModelConfig {
 
     pub fn from_yaml_str(text: &str) -> Result<Self, String> {
         let config: Self = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
-        if config.num_heads == 0 || !config.hidden_size.is_multiple_of(config.num_heads) {
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Sizes positive and consistent; the ESM-2-only fields present for ESM-2 and absent otherwise.
+    pub fn validate(&self) -> Result<(), String> {
+        for (what, v) in [
+            ("num_layers", self.num_layers),
+            ("hidden_size", self.hidden_size),
+            ("num_heads", self.num_heads),
+            ("ffn_size", self.ffn_size),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if v == 0 {
+                return Err(format!("{what} must be positive"));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_heads {}",
-                config.hidden_size, config.num_heads
+                self.hidden_size, self.num_heads
             ));
         }
-        Ok(config)
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps < 1.0) {
+            return Err(format!(
+                "layer_norm_eps {} outside (0, 1)",
+                self.layer_norm_eps
+            ));
+        }
+        let esm_only = [
+            ("max_positions", self.max_positions.is_some()),
+            ("max_residues", self.max_residues.is_some()),
+            ("rotary_base", self.rotary_base.is_some()),
+            ("token_dropout_scale", self.token_dropout_scale.is_some()),
+        ];
+        let esm = self.family == ModelFamily::Esm2;
+        for (field, present) in esm_only {
+            if present != esm {
+                return Err(if esm {
+                    format!("{field} is required for the ESM-2 family")
+                } else {
+                    format!(
+                        "{field} is an ESM-2 setting; the {} family has none",
+                        self.family
+                    )
+                });
+            }
+        }
+        if esm && self.vocab_size as usize != alphabet::TOKENS.len() {
+            return Err(format!(
+                "vocab_size {} != the ESM-2 alphabet's {}",
+                self.vocab_size,
+                alphabet::TOKENS.len()
+            ));
+        }
+        if self.max_residues == Some(0) {
+            return Err("max_residues must be positive".into());
+        }
+        Ok(())
     }
 
     pub fn head_dim(&self) -> u32 {
@@ -202,14 +234,17 @@ impl ModelConfig {
 pub struct ModelMetadata {
     /// `virnuc-trt-onnx/1`.
     pub format: String,
-    /// Also in `model.family`; absent in exports written before DNABERT-S (then ESM-2).
+    /// Absent in exports made before DNABERT-S: ESM-2 (also in `model.family`).
     #[serde(default)]
     pub family: ModelFamily,
     pub model: ModelConfig,
+    /// The tokenizer the graph's ids come from; absent = the ESM-2 alphabet.
     #[serde(default)]
     pub tokenizer: TokenizerSpec,
-    /// The ESM-2 alphabet (id = index); empty for other families.
+    /// The ESM-2 alphabet (token strings by id); empty for a family with a tokenizer file.
+    #[serde(default)]
     pub alphabet: Vec<String>,
+    /// How the graph pools (`mean` output); absent = ESM-2's rule. Must be the family's rule.
     #[serde(default)]
     pub pooling: Pooling,
     /// `virnuc`, `ort` or `masked`.
@@ -245,6 +280,65 @@ impl ModelMetadata {
             path: path.display().to_string(),
             source,
         })
+    }
+
+    /// Checks that family, model config, pooling, tokenizer and alphabet agree, so that the runtime
+    /// feeds the graph the ids and frames it was built for. Returns what is wrong.
+    pub fn check_family(&self) -> Result<(), String> {
+        let family = self.family;
+        let traits = family.traits();
+        if self.model.family != family {
+            return Err(format!(
+                "family `{}` but its model config says `{}`",
+                family.as_str(),
+                self.model.family.as_str()
+            ));
+        }
+        self.model.validate()?;
+        if self.pooling != traits.pooling {
+            return Err(format!(
+                "pooling {:?} is not the {family} rule ({:?})",
+                self.pooling, traits.pooling
+            ));
+        }
+        if self.tokenizer.kind() != traits.tokenizer {
+            return Err(format!(
+                "tokenizer {:?} is not the {family} tokenizer ({:?})",
+                self.tokenizer.kind(),
+                traits.tokenizer
+            ));
+        }
+        match traits.tokenizer {
+            TokenizerKind::Esm2Alphabet => {
+                if self
+                    .alphabet
+                    .iter()
+                    .map(String::as_str)
+                    .ne(alphabet::TOKENS)
+                {
+                    return Err(
+                        "the model's alphabet differs from ESM-2's (the tokenizer would feed it wrong ids)"
+                            .into(),
+                    );
+                }
+            }
+            TokenizerKind::HfTokenizers => {
+                if let TokenizerSpec::HfTokenizers { file, sha256 } = &self.tokenizer {
+                    let plain = Path::new(file)
+                        .file_name()
+                        .is_some_and(|n| n == std::ffi::OsStr::new(file));
+                    if !plain {
+                        return Err(format!(
+                            "tokenizer file {file:?} must be a file name inside the export folder"
+                        ));
+                    }
+                    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(format!("tokenizer sha256 {sha256:?} is not 64 hex digits"));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -282,11 +376,13 @@ mod tests {
                     path.file_stem().and_then(|s| s.to_str()),
                     Some(config.name.as_str())
                 );
-                assert_eq!(config.ffn_size, 4 * config.hidden_size);
-                seen += 1;
+                if config.family == ModelFamily::Esm2 {
+                    assert_eq!(config.ffn_size, 4 * config.hidden_size);
+                    seen += 1;
+                }
             }
         }
-        assert_eq!(seen, 6);
+        assert_eq!(seen, 6, "six ESM-2 sizes");
     }
 
     #[test]
@@ -345,5 +441,101 @@ mod tests {
         assert!(
             ModelConfig::from_yaml_str(&good.replace("num_heads: 20", "num_heads: 7")).is_err()
         );
+    }
+
+    const DNABERT_YAML: &str = "name: dnabert_s\nfamily: dnabert_s\ncheckpoint: zhihan1996/DNABERT-S\n\
+        hf_repo: zhihan1996/DNABERT-S\nnum_layers: 12\nhidden_size: 768\nnum_heads: 12\n\
+        ffn_size: 3072\nvocab_size: 4096\nlayer_norm_eps: 1.0e-12\n";
+
+    #[test]
+    fn a_dnabert_config_has_no_esm_fields() {
+        let c = ModelConfig::from_yaml_str(DNABERT_YAML).expect("valid");
+        assert_eq!(c.family, ModelFamily::DnabertS);
+        assert_eq!((c.max_residues, c.rotary_base), (None, None));
+        let e = ModelConfig::from_yaml_str(&format!("{DNABERT_YAML}rotary_base: 10000.0\n"))
+            .expect_err("ESM field");
+        assert!(e.contains("rotary_base"), "{e}");
+        // An ESM-2 config without its fields, or of an unknown family, is refused.
+        let esm = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/esm2_t6_8M.yaml"),
+        )
+        .expect("readable");
+        let e = ModelConfig::from_yaml_str(&esm.replace("rotary_base", "# rotary_base"))
+            .expect_err("missing");
+        assert!(e.contains("rotary_base is required"), "{e}");
+        assert!(
+            ModelConfig::from_yaml_str(&DNABERT_YAML.replace("dnabert_s\nc", "bert\nc")).is_err()
+        );
+        assert!(ModelConfig::from_yaml_str(&DNABERT_YAML.replace("1.0e-12", "0.0")).is_err());
+    }
+
+    fn esm_metadata_json() -> serde_json::Value {
+        serde_json::json!({
+            "format": "virnuc-trt-onnx/1",
+            "model": {
+                "name": "esm2_t6_8M", "checkpoint": "", "hf_repo": "", "num_layers": 6,
+                "hidden_size": 320, "num_heads": 20, "ffn_size": 1280, "vocab_size": 33,
+                "max_positions": 1026, "max_residues": 1022, "layer_norm_eps": 1e-5,
+                "rotary_base": 10000.0, "token_dropout_scale": 0.88
+            },
+            "alphabet": alphabet::TOKENS.as_slice(),
+            "attention": "masked", "fused": false, "precision": "fp32", "repr_layer": 6,
+            "inputs": [], "outputs": [],
+            "source": {"kind": "random", "path": null, "sha256": null, "seed": 0},
+            "random_weights": true, "exporter_version": "0", "onnx_sha256": "00"
+        })
+    }
+
+    #[test]
+    fn old_metadata_without_family_is_esm2_and_families_are_checked() {
+        let old: ModelMetadata = serde_json::from_value(esm_metadata_json()).expect("parses");
+        assert_eq!(old.family, ModelFamily::Esm2);
+        assert_eq!(old.pooling, Pooling::MeanResidues);
+        assert_eq!(old.tokenizer, TokenizerSpec::Esm2Alphabet);
+        old.check_family().expect("consistent");
+        // Each disagreement is caught.
+        let mut m = esm_metadata_json();
+        m["pooling"] = "mean_all_tokens".into();
+        let e = serde_json::from_value::<ModelMetadata>(m)
+            .expect("parses")
+            .check_family();
+        assert!(e.expect_err("pooling").contains("pooling"));
+        let mut m = esm_metadata_json();
+        m["family"] = "dnabert_s".into();
+        let e = serde_json::from_value::<ModelMetadata>(m)
+            .expect("parses")
+            .check_family();
+        assert!(e.expect_err("family").contains("model config"));
+        let mut m = esm_metadata_json();
+        m["alphabet"] = serde_json::json!([]);
+        let e = serde_json::from_value::<ModelMetadata>(m)
+            .expect("parses")
+            .check_family();
+        assert!(e.expect_err("alphabet").contains("alphabet"));
+        // A DNABERT-S export: its own config, tokenizer file, pooling; no alphabet.
+        let dna = serde_json::json!({
+            "family": "dnabert_s",
+            "model": serde_json::to_value(ModelConfig::from_yaml_str(DNABERT_YAML).expect("valid")).expect("json"),
+            "alphabet": [],
+            "pooling": "mean_all_tokens",
+            "tokenizer": {"kind": "hf_tokenizers", "file": "tokenizer.json", "sha256": "a".repeat(64)},
+        });
+        let mut m = esm_metadata_json();
+        for (k, v) in dna.as_object().expect("object") {
+            m[k] = v.clone();
+        }
+        let meta: ModelMetadata = serde_json::from_value(m.clone()).expect("parses");
+        meta.check_family().expect("consistent");
+        assert_eq!(meta.pooling, Pooling::MeanAllTokens);
+        m["tokenizer"]["file"] = "../tokenizer.json".into();
+        let e = serde_json::from_value::<ModelMetadata>(m.clone())
+            .expect("parses")
+            .check_family();
+        assert!(e.expect_err("path").contains("inside the export folder"));
+        m["tokenizer"] = serde_json::json!({"kind": "esm2_alphabet"});
+        let e = serde_json::from_value::<ModelMetadata>(m)
+            .expect("parses")
+            .check_family();
+        assert!(e.expect_err("tokenizer").contains("tokenizer"));
     }
 }

@@ -41,9 +41,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use loader::{Input, InputProgress};
-pub use pipeline::{Pipeline, ProteinRecord, Proteins, proteins, proteins_from, start};
+pub use pipeline::{Pipeline, ProteinRecord, Proteins, TaggedPack, proteins, proteins_from, start};
 pub use report::RunReport;
-pub use tokenize::LongPolicy;
+pub use tokenize::{Encoder, LongPolicy};
 
 /// What the inputs hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -168,6 +168,10 @@ pub struct PipelineConfig {
     /// Only this shard's records (`None`: all of them). Honoured by [`start`]; the sequential
     /// [`proteins`] view refuses it.
     pub input_shard: Option<InputShard>,
+    /// The models the sequences go to, each as its family's [`Encoder`] (default: ESM-2). Each
+    /// encoder gets its own packs of the same sequences, with the same output indices: a kept frame's
+    /// protein for ESM-2, its DNA span for DNABERT-S (`predict` runs both; `embed` one).
+    pub encoders: Vec<Arc<Encoder>>,
 }
 
 impl std::fmt::Debug for PipelineConfig {
@@ -187,6 +191,10 @@ impl std::fmt::Debug for PipelineConfig {
             .field("prefetch", &self.prefetch)
             .field("skip", &self.skip.as_ref().map(|_| "fn"))
             .field("input_shard", &self.input_shard)
+            .field(
+                "encoders",
+                &self.encoders.iter().map(|e| e.family()).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -208,6 +216,7 @@ impl Default for PipelineConfig {
             prefetch: 4,
             skip: None,
             input_shard: None,
+            encoders: vec![Arc::new(Encoder::esm2())],
         }
     }
 }
@@ -234,6 +243,26 @@ impl PipelineConfig {
         if self.input_shard.is_some_and(|s| !s.is_valid()) {
             return bad("input shard index must be below the shard count");
         }
+        if self.encoders.is_empty() {
+            return bad("no model to tokenize for");
+        }
+        for e in &self.encoders {
+            let t = e.traits();
+            if self.mode == Mode::Protein && !t.reads_proteins {
+                return Err(DataError::Config(format!(
+                    "protein inputs cannot go to a {} model: it embeds the DNA of each kept frame \
+                     (give nucleotide inputs, --mode nucleotide)",
+                    e.family()
+                )));
+            }
+            if self.long == LongPolicy::Split && t.frame_input == virnuc_core::FrameInput::DnaSpan {
+                return Err(DataError::Config(format!(
+                    "--long split cuts proteins into windows; a {} model takes each frame's DNA \
+                     whole (use truncate or skip)",
+                    e.family()
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -255,6 +284,11 @@ pub enum DataError {
     Mode { file: String, message: String },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: String, message: String },
+    /// A sequence the model's tokenizer refused (names the output sequence).
+    #[error("cannot tokenize {id}: {message}")]
+    Encode { id: String, message: String },
     #[error("the {0} thread panicked")]
     Panic(&'static str),
     /// Returned by [`Pipeline::finish`] when the run hit an error; the report shows how far it got.

@@ -59,8 +59,8 @@ pub fn first_fit_decreasing(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackItem {
     pub meta: SequenceMeta,
-    /// `<cls> … <eos>`.
-    pub tokens: Vec<u8>,
+    /// The ids, special tokens included (`<cls> … <eos>`, `[CLS] … [SEP]`).
+    pub tokens: Vec<u32>,
 }
 
 /// Packer settings.
@@ -210,9 +210,9 @@ mod tests {
     use virnuc_core::alphabet;
 
     fn item(index: u64, residues: usize) -> PackItem {
-        let mut tokens = vec![alphabet::CLS];
-        tokens.extend(std::iter::repeat_n(5u8, residues));
-        tokens.push(alphabet::EOS);
+        let mut tokens = vec![u32::from(alphabet::CLS)];
+        tokens.extend(std::iter::repeat_n(5u32, residues));
+        tokens.push(u32::from(alphabet::EOS));
         PackItem {
             meta: SequenceMeta {
                 index,

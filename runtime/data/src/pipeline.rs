@@ -4,9 +4,12 @@
 //!   may only send a batch after taking a ticket; the packer returns a ticket for each batch it
 //!   consumes in order. At most `tickets` batches are thus in flight anywhere (work queue, workers,
 //!   reorder buffer), which bounds memory even when one worker is slow on a huge record.
-//! * Workers chunk, translate and tokenize a batch and send it back with its number.
+//! * Workers chunk, translate and tokenize a batch and send it back with its number. Each sequence
+//!   (a kept frame, or a protein record) is tokenized once per [`Encoder`] of the run: with the
+//!   family's tokenizer, from what the family takes of a frame (its protein or its DNA span).
 //! * The packer reorders batches by number, assigns output indices in input order, applies the resume
-//!   predicate, packs, and sends packs to the bounded prefetch queue.
+//!   predicate, packs — one packer per encoder, so a sequence has the same output index in every
+//!   encoder's packs — and sends packs, tagged with their encoder, to the bounded prefetch queue.
 //! * An input error travels as a numbered batch too: packs of every earlier record are delivered
 //!   first, then the error, then the iterator ends.
 //! * Dropping the [`Pipeline`] (or calling [`Pipeline::finish`] early) closes the prefetch queue; each
@@ -14,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -23,9 +27,10 @@ use crate::chunk::chunks;
 use crate::loader::{Input, InputProgress, RecordRef, Source, SourceStats};
 use crate::pack::{PackItem, PackStats, Packer, PackerConfig};
 use crate::report::{RunReport, StageStats};
-use crate::tokenize::{LongPolicy, long_pieces, tokenize};
-use crate::translate::{Ambiguity, Frame, FrameOutcome, Translator};
+use crate::tokenize::{Encoder, LongPolicy, long_pieces};
+use crate::translate::{Ambiguity, Frame, FrameOutcome, SpanRule, Translator};
 use crate::{DataError, Mode, PipelineConfig};
+use virnuc_core::FrameInput;
 
 /// Sequence bytes per reader batch: large enough to amortize channel traffic, small enough that
 /// a few dozen batches in flight stay in a few MB.
@@ -40,6 +45,9 @@ struct StageConfig {
     ambiguity: Ambiguity,
     max_residues: usize,
     long: LongPolicy,
+    /// Some encoder takes DNA spans: cut them from kept frames.
+    need_dna: bool,
+    span: SpanRule,
 }
 
 impl From<&PipelineConfig> for StageConfig {
@@ -54,18 +62,33 @@ impl From<&PipelineConfig> for StageConfig {
             },
             max_residues: c.max_residues,
             long: c.long,
+            need_dna: c
+                .encoders
+                .iter()
+                .any(|e| e.traits().frame_input == FrameInput::DnaSpan),
+            span: if c.virnucpro_compat {
+                SpanRule::VirNucPro
+            } else {
+                SpanRule::Coded
+            },
         }
     }
 }
 
-/// Per-record stages with reusable buffers: record → named protein pieces.
+/// Per-record stages with reusable buffers: record → named sequences (protein pieces, with the DNA
+/// span of their frame when asked for).
 #[derive(Debug)]
 struct RecordProcessor {
     config: StageConfig,
     translator: Translator,
     name: String,
     piece_name: String,
+    dna: Vec<u8>,
 }
+
+/// `emit(name, protein, dna)`: one final sequence; `dna` is empty in protein mode or when no encoder
+/// takes DNA.
+type Emit<'a> = dyn FnMut(&str, &[u8], &[u8]) + 'a;
 
 impl RecordProcessor {
     fn new(config: StageConfig) -> Self {
@@ -74,17 +97,18 @@ impl RecordProcessor {
             translator: Translator::default(),
             name: String::new(),
             piece_name: String::new(),
+            dna: Vec::new(),
         }
     }
 
-    /// Runs one non-empty record through the stages; `emit(name, residues)` gets each final sequence.
+    /// Runs one non-empty record through the stages; `emit` gets each final sequence.
     fn process(
         &mut self,
         id: &str,
         seq: &[u8],
         part: Option<Part>,
         stats: &mut StageStats,
-        emit: &mut impl FnMut(&str, &[u8]),
+        emit: &mut Emit<'_>,
     ) {
         // A record cut into parts counts once, with its first part.
         if part.is_none_or(|p| p.first == 1) {
@@ -105,7 +129,7 @@ impl RecordProcessor {
                 } = self;
                 name.clear();
                 name.push_str(id);
-                emit_pieces(name, piece_name, residues, c, stats, emit);
+                emit_pieces(name, piece_name, residues, &[], c, stats, emit);
             }
             Mode::Nucleotide => {
                 let (whole_len, first, count, offset) = match part {
@@ -130,12 +154,25 @@ impl RecordProcessor {
                                     name,
                                     piece_name,
                                     translator,
+                                    dna,
                                     ..
                                 } = self;
                                 name.clear();
                                 // Writing to a String cannot fail.
                                 let _ = write!(name, "{id}_chunk_{k}{}", frame.suffix());
-                                emit_pieces(name, piece_name, &translator.protein, c, stats, emit);
+                                if c.need_dna {
+                                    translator.dna_span(frame, c.span, dna);
+                                }
+                                let dna = if c.need_dna { &dna[..] } else { &[] };
+                                emit_pieces(
+                                    name,
+                                    piece_name,
+                                    &translator.protein,
+                                    dna,
+                                    c,
+                                    stats,
+                                    emit,
+                                );
                             }
                         }
                     }
@@ -148,14 +185,17 @@ impl RecordProcessor {
     }
 }
 
-/// Applies the long-sequence policy to one protein and emits its pieces.
+/// Applies the long-sequence policy to one protein and emits its pieces, each with `dna` (the frame's
+/// DNA span: whole, whatever the policy did to the protein; a split protein is refused by the
+/// configuration when DNA is asked for).
 fn emit_pieces(
     name: &str,
     piece_name: &mut String,
     residues: &[u8],
+    dna: &[u8],
     c: StageConfig,
     stats: &mut StageStats,
-    emit: &mut impl FnMut(&str, &[u8]),
+    emit: &mut Emit<'_>,
 ) {
     stats.proteins += 1;
     if residues.len() > c.max_residues {
@@ -177,9 +217,9 @@ fn emit_pieces(
             Some(w) => {
                 piece_name.clear();
                 let _ = write!(piece_name, "{name}_w{w}");
-                emit(piece_name, &residues[range]);
+                emit(piece_name, &residues[range], dna);
             }
-            None => emit(name, &residues[range]),
+            None => emit(name, &residues[range], dna),
         }
     }
 }
@@ -196,13 +236,13 @@ struct RecordBatch {
     ordinals: Vec<u64>,
 }
 
-/// Tokenized sequences of one batch, concatenated.
+/// Tokenized sequences of one batch, concatenated; `tokens[k]`/`token_ends[k]` are encoder `k`'s.
 #[derive(Debug, Default)]
 struct TokenBatch {
     ids: String,
     id_ends: Vec<usize>,
-    tokens: Vec<u8>,
-    token_ends: Vec<usize>,
+    tokens: Vec<Vec<u32>>,
+    token_ends: Vec<Vec<usize>>,
     /// Input position of the record each sequence comes from.
     records: Vec<u64>,
     stats: StageStats,
@@ -210,12 +250,15 @@ struct TokenBatch {
 
 type Work = (u64, Result<RecordBatch, DataError>);
 type Done = (u64, Result<TokenBatch, DataError>);
+/// A pack and the index of the encoder (model) it is for.
+pub type TaggedPack = (usize, PackedBatch);
 
 /// What the packer thread reports when it stops.
 #[derive(Debug, Default)]
 struct PackerOutcome {
     stages: StageStats,
-    packing: PackStats,
+    /// One per encoder.
+    packing: Vec<PackStats>,
     skipped_resume: u64,
     /// All batches consumed and all packs handed to the prefetch queue.
     finished: bool,
@@ -224,7 +267,7 @@ struct PackerOutcome {
 
 /// A running pipeline: iterate it for packs, then call [`Pipeline::finish`] for the report.
 pub struct Pipeline {
-    rx: Option<Receiver<Result<PackedBatch, DataError>>>,
+    rx: Option<Receiver<Result<TaggedPack, DataError>>>,
     reader: Option<JoinHandle<(SourceStats, OtherShards)>>,
     workers: Vec<JoinHandle<()>>,
     packer: Option<JoinHandle<PackerOutcome>>,
@@ -274,10 +317,12 @@ pub fn start(config: PipelineConfig) -> Result<Pipeline, DataError> {
     for w in 0..workers {
         let rx = work_rx.clone();
         let tx = done_tx.clone();
+        let encoders = config.encoders.clone();
         handles.push(spawn(&format!("virnuc-worker-{w}"), move || {
-            worker_loop(stage, rx, tx)
+            worker_loop(stage, encoders, rx, tx)
         })?);
     }
+    let streams = config.encoders.len();
     drop((work_rx, done_tx));
     let pack_config = PackerConfig {
         budget: config.token_budget,
@@ -286,7 +331,7 @@ pub fn start(config: PipelineConfig) -> Result<Pipeline, DataError> {
     };
     let skip = config.skip.clone();
     let packer = spawn("virnuc-packer", move || {
-        packer_loop(pack_config, skip, done_rx, ticket_tx, pack_tx)
+        packer_loop(pack_config, streams, skip, done_rx, ticket_tx, pack_tx)
     })?;
     Ok(Pipeline {
         rx: Some(pack_rx),
@@ -463,16 +508,21 @@ fn reader_loop(
     (source.stats, others)
 }
 
-fn worker_loop(config: StageConfig, rx: Receiver<Work>, tx: Sender<Done>) {
+fn worker_loop(
+    config: StageConfig,
+    encoders: Vec<Arc<Encoder>>,
+    rx: Receiver<Work>,
+    tx: Sender<Done>,
+) {
     let mut processor = RecordProcessor::new(config);
     for (seq_no, item) in rx {
         // A panic here would leave a hole in the sequence numbers and stall the packer: turn it
         // into an error for this batch instead (the processor's buffers are reset by `load`/`clear`).
         let out = item.and_then(|batch| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                process_batch(&mut processor, &batch)
+                process_batch(&mut processor, &encoders, &batch)
             }))
-            .map_err(|_| DataError::Panic("worker"))
+            .map_err(|_| DataError::Panic("worker"))?
         });
         if tx.send((seq_no, out)).is_err() {
             return;
@@ -480,10 +530,19 @@ fn worker_loop(config: StageConfig, rx: Receiver<Work>, tx: Sender<Done>) {
     }
 }
 
-fn process_batch(processor: &mut RecordProcessor, batch: &RecordBatch) -> TokenBatch {
-    let mut out = TokenBatch::default();
+fn process_batch(
+    processor: &mut RecordProcessor,
+    encoders: &[Arc<Encoder>],
+    batch: &RecordBatch,
+) -> Result<TokenBatch, DataError> {
+    let mut out = TokenBatch {
+        tokens: vec![Vec::new(); encoders.len()],
+        token_ends: vec![Vec::new(); encoders.len()],
+        ..TokenBatch::default()
+    };
     let mut id_start = 0;
     let mut seq_start = 0;
+    let mut failed = None;
     for (((&id_end, &seq_end), &part), &ordinal) in batch
         .id_ends
         .iter()
@@ -494,35 +553,69 @@ fn process_batch(processor: &mut RecordProcessor, batch: &RecordBatch) -> TokenB
         let id = &batch.ids[id_start..id_end];
         let seq = &batch.seqs[seq_start..seq_end];
         let mut unknown = 0;
-        processor.process(id, seq, part, &mut out.stats, &mut |name, residues| {
-            out.ids.push_str(name);
-            out.id_ends.push(out.ids.len());
-            unknown += tokenize(residues, &mut out.tokens);
-            out.token_ends.push(out.tokens.len());
-            out.records.push(ordinal);
+        let TokenBatch {
+            ids,
+            id_ends,
+            tokens,
+            token_ends,
+            records,
+            stats,
+        } = &mut out;
+        processor.process(id, seq, part, stats, &mut |name, protein, dna| {
+            ids.push_str(name);
+            id_ends.push(ids.len());
+            records.push(ordinal);
+            for (k, encoder) in encoders.iter().enumerate() {
+                let input = match encoder.traits().frame_input {
+                    FrameInput::Protein => protein,
+                    FrameInput::DnaSpan => dna,
+                };
+                match encoder.encode(input, &mut tokens[k]) {
+                    Ok(u) => unknown += u,
+                    Err(message) => {
+                        failed.get_or_insert(DataError::Encode {
+                            id: name.to_string(),
+                            message,
+                        });
+                    }
+                }
+                token_ends[k].push(tokens[k].len());
+            }
         });
         out.stats.unknown_residues += unknown as u64;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         id_start = id_end;
         seq_start = seq_end;
     }
-    out
+    Ok(out)
 }
 
 fn packer_loop(
     config: PackerConfig,
+    streams: usize,
     skip: Option<crate::SkipFn>,
     rx: Receiver<Done>,
     tickets: Sender<()>,
-    tx: Sender<Result<PackedBatch, DataError>>,
+    tx: Sender<Result<TaggedPack, DataError>>,
 ) -> PackerOutcome {
     let mut outcome = PackerOutcome::default();
-    let mut packer = Packer::new(config);
+    let mut packers: Vec<Packer> = (0..streams).map(|_| Packer::new(config)).collect();
     let mut pending: BTreeMap<u64, Result<TokenBatch, DataError>> = BTreeMap::new();
     let mut next_batch = 0u64;
     let mut next_index = 0u64;
-    let mut ready: Vec<PackedBatch> = Vec::new();
+    let mut ready: Vec<TaggedPack> = Vec::new();
+    let mut made: Vec<PackedBatch> = Vec::new();
     let send_ready =
-        |ready: &mut Vec<PackedBatch>| -> bool { ready.drain(..).all(|p| tx.send(Ok(p)).is_ok()) };
+        |ready: &mut Vec<TaggedPack>| -> bool { ready.drain(..).all(|p| tx.send(Ok(p)).is_ok()) };
+    let finish_all = |packers: &mut Vec<Packer>, ready: &mut Vec<TaggedPack>| {
+        for (k, packer) in packers.iter_mut().enumerate() {
+            let mut made = Vec::new();
+            packer.finish(&mut made);
+            ready.extend(made.into_iter().map(|p| (k, p)));
+        }
+    };
     'outer: while let Ok((seq_no, item)) = rx.recv() {
         pending.insert(seq_no, item);
         while let Some(item) = pending.remove(&next_batch) {
@@ -533,38 +626,40 @@ fn packer_loop(
                 Ok(batch) => {
                     outcome.stages.add(&batch.stats);
                     let mut id_start = 0;
-                    let mut tok_start = 0;
-                    for ((&id_end, &tok_end), &record) in batch
-                        .id_ends
-                        .iter()
-                        .zip(&batch.token_ends)
-                        .zip(&batch.records)
+                    let mut tok_start = vec![0; streams];
+                    for (i, (&id_end, &record)) in
+                        batch.id_ends.iter().zip(&batch.records).enumerate()
                     {
                         let index = next_index;
                         next_index += 1;
-                        let (id, tokens) = (
-                            &batch.ids[id_start..id_end],
-                            &batch.tokens[tok_start..tok_end],
-                        );
+                        let id = &batch.ids[id_start..id_end];
                         id_start = id_end;
-                        tok_start = tok_end;
-                        if skip.as_ref().is_some_and(|f| f(index)) {
+                        let skipped = skip.as_ref().is_some_and(|f| f(index));
+                        if skipped {
                             outcome.skipped_resume += 1;
-                            continue;
                         }
-                        let meta = SequenceMeta {
-                            index,
-                            record,
-                            id: id.to_string(),
-                            residues: (tokens.len() - 2) as u32,
-                        };
-                        packer.push(
-                            PackItem {
-                                meta,
-                                tokens: tokens.to_vec(),
-                            },
-                            &mut ready,
-                        );
+                        for (k, packer) in packers.iter_mut().enumerate() {
+                            let tok_end = batch.token_ends[k][i];
+                            let tokens = &batch.tokens[k][tok_start[k]..tok_end];
+                            tok_start[k] = tok_end;
+                            if skipped {
+                                continue;
+                            }
+                            let meta = SequenceMeta {
+                                index,
+                                record,
+                                id: id.to_string(),
+                                residues: (tokens.len() - 2) as u32,
+                            };
+                            packer.push(
+                                PackItem {
+                                    meta,
+                                    tokens: tokens.to_vec(),
+                                },
+                                &mut made,
+                            );
+                            ready.extend(made.drain(..).map(|p| (k, p)));
+                        }
                         if !send_ready(&mut ready) {
                             break 'outer;
                         }
@@ -572,8 +667,8 @@ fn packer_loop(
                 }
                 Err(e) => {
                     // Deliver what came before the bad record, then the error.
-                    packer.finish(&mut ready);
-                    outcome.packing = packer.stats().clone();
+                    finish_all(&mut packers, &mut ready);
+                    outcome.packing = packers.iter().map(|p| p.stats().clone()).collect();
                     outcome.error = Some(e.to_string());
                     if send_ready(&mut ready) {
                         let _ = tx.send(Err(e));
@@ -584,17 +679,28 @@ fn packer_loop(
         }
     }
     if pending.is_empty() && rx.is_empty() {
-        packer.finish(&mut ready);
+        finish_all(&mut packers, &mut ready);
         outcome.finished = send_ready(&mut ready);
     }
-    outcome.packing = packer.stats().clone();
+    outcome.packing = packers.iter().map(|p| p.stats().clone()).collect();
     outcome
 }
 
+/// The packs of a run with one encoder. With several (`predict`), use [`Pipeline::next_tagged`]:
+/// this iterator would mix the encoders' packs.
 impl Iterator for Pipeline {
     type Item = Result<PackedBatch, DataError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        self.next_tagged().map(|r| r.map(|(_, p)| p))
+    }
+}
+
+impl Pipeline {
+    /// The next pack and the index (in [`PipelineConfig::encoders`]) of the encoder it is for.
+    /// Each output index appears once in every encoder's packs; packs of different encoders come
+    /// interleaved, each encoder's in its own deterministic order.
+    pub fn next_tagged(&mut self) -> Option<Result<TaggedPack, DataError>> {
         let rx = self.rx.as_ref()?;
         match rx.recv() {
             Ok(item) => Some(item),
@@ -604,9 +710,7 @@ impl Iterator for Pipeline {
             }
         }
     }
-}
 
-impl Pipeline {
     /// Bytes read from the inputs so far and their total size (for a progress bar).
     pub fn input_progress(&self) -> InputProgress {
         self.progress.clone()
@@ -636,7 +740,9 @@ impl Pipeline {
             .map_err(|_| DataError::Panic("reader"))?
             .unwrap_or_default();
         let c = &self.config;
-        let packing = packer.packing;
+        let mut by_model = packer.packing.into_iter();
+        let packing = by_model.next().unwrap_or_default();
+        let packing_other_models: Vec<PackStats> = by_model.collect();
         let capacity = packing.tokens + packing.unused_budget;
         let report = RunReport {
             mode: c.mode.as_str().to_string(),
@@ -663,6 +769,7 @@ impl Pipeline {
                 packing.tokens as f64 / capacity as f64
             },
             packing,
+            packing_other_models,
             errors: packer.error.iter().cloned().collect(),
             complete: packer.finished && self.exhausted && packer.error.is_none(),
         };
@@ -684,12 +791,14 @@ impl Drop for Pipeline {
 }
 
 /// A protein exactly as it goes to the model: output index, name and residues (after chunking,
-/// translation and the long-sequence policy), for `virnuc-trt translate`.
+/// translation and the long-sequence policy), for `virnuc-trt translate`; in nucleotide mode also
+/// the DNA span of its frame (what a DNA model gets; empty in protein mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProteinRecord {
     pub index: u64,
     pub id: String,
     pub residues: String,
+    pub dna: String,
 }
 
 /// Sequential, single-threaded view of the same stages as [`start`]; same indices and names.
@@ -726,13 +835,17 @@ pub fn proteins_from(inputs: Vec<Input>, config: &PipelineConfig) -> Result<Prot
             "chunk_len must be at least 3 and max_residues positive".into(),
         ));
     }
+    let stage = StageConfig {
+        need_dna: config.mode == Mode::Nucleotide,
+        ..StageConfig::from(config)
+    };
     let mut source = Source::from_inputs(inputs);
     if !config.force_mode {
         source = source.check_mode(config.mode);
     }
     Ok(Proteins {
         source,
-        processor: RecordProcessor::new(StageConfig::from(config)),
+        processor: RecordProcessor::new(stage),
         queue: Default::default(),
         next_index: 0,
         stats: StageStats::default(),
@@ -786,11 +899,12 @@ impl Iterator for Proteins {
                 if r.seq.is_empty() {
                     return;
                 }
-                processor.process(r.id, r.seq, None, stats, &mut |name, residues| {
+                processor.process(r.id, r.seq, None, stats, &mut |name, residues, dna| {
                     queue.push_back(ProteinRecord {
                         index: *next_index,
                         id: name.to_string(),
                         residues: String::from_utf8_lossy(residues).into_owned(),
+                        dna: String::from_utf8_lossy(dna).into_owned(),
                     });
                     *next_index += 1;
                 });

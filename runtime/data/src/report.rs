@@ -47,7 +47,7 @@ pub struct StageStats {
     pub residues_truncated: u64,
     /// Sequences handed to the packer stage (each gets an output index).
     pub sequences: u64,
-    /// Residues mapped to `<unk>`.
+    /// Residues or bases mapped to the unknown token (`<unk>`, `[UNK]`), over all models of the run.
     pub unknown_residues: u64,
 }
 
@@ -110,7 +110,11 @@ pub struct RunReport {
     pub stages: StageStats,
     /// Sequences left out because the resume predicate said they were done.
     pub skipped_resume: u64,
+    /// Packing of the (first) model's packs.
     pub packing: PackStats,
+    /// A run feeding several models (`predict`): the packing of the others, in encoder order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packing_other_models: Vec<PackStats>,
     /// `tokens / (tokens + unused_budget)`.
     pub utilization: f64,
     /// Errors that ended the run early (input errors name file and record).
@@ -242,16 +246,18 @@ impl RunReport {
         if !self.complete {
             return Err("run incomplete: packs still in flight".into());
         }
-        eq(
-            "sequences = packed + skipped by resume",
-            s.sequences,
-            self.packing.sequences + self.skipped_resume,
-        )?;
-        eq(
-            "tokens = residues + 2 × sequences packed",
-            self.packing.tokens,
-            self.packing.residues + 2 * self.packing.sequences,
-        )?;
+        for packing in std::iter::once(&self.packing).chain(&self.packing_other_models) {
+            eq(
+                "sequences = packed + skipped by resume",
+                s.sequences,
+                packing.sequences + self.skipped_resume,
+            )?;
+            eq(
+                "tokens = residues + 2 × sequences packed",
+                packing.tokens,
+                packing.residues + 2 * packing.sequences,
+            )?;
+        }
         Ok(())
     }
 }

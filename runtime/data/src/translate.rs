@@ -16,6 +16,13 @@
 //! * a frame is kept when its protein has no stop (`*`) and is not empty (`make_predictdata` drops
 //!   empty proteins); it is named `<chunk>F1` … `<chunk>R3`.
 //!
+//! What a DNA model (DNABERT-S) gets from a kept frame is its **DNA span** ([`Translator::dna_span`],
+//! [`SpanRule`]): VirNucPro's (`identify_seq`) is `s[f : f + 1 + 3·aa_len]` of the upper-cased chunk
+//! (forward frames) or of its reverse complement (reverse frames), `f` = 0, 1, 2 the frame's offset and
+//! `aa_len` the protein's length **after** ambiguous codons were dropped — one base more than the
+//! codons, unless capped at the chunk's end, and shorter than (and shifted from) the codons when a
+//! codon was dropped. Our default is the coded bases exactly, `s[f : f + 3·codons]`.
+//!
 //! The hot path works on 2-bit base codes (`A=0 C=1 G=2 T=3`, 4 = anything else) and a 64-entry codon
 //! table, and stops reading a frame at its first stop codon, since such a frame is dropped anyway.
 
@@ -26,6 +33,36 @@ pub enum Ambiguity {
     X,
     /// Drop the codon's residue, as VirNucPro does.
     Drop,
+}
+
+/// Which bases of a kept frame a DNA model gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanRule {
+    /// The frame's codons exactly: `[f, f + 3·codons)` (default).
+    Coded,
+    /// VirNucPro's `seq[f : f + 1 + 3·aa_len]`, capped at the chunk's end (`virnucpro_compat`).
+    VirNucPro,
+}
+
+impl SpanRule {
+    /// The base range of a frame at `offset` whose protein has `aa_len` residues, in a strand of
+    /// `strand_len` bases. In [`SpanRule::Coded`] `aa_len` is the number of codons (no residue is
+    /// dropped in the default mode).
+    ///
+    /// ```
+    /// use virnuc_data::translate::SpanRule;
+    /// assert_eq!(SpanRule::VirNucPro.range(1, 2, 10), 1..8); // one base past the 2 codons
+    /// assert_eq!(SpanRule::VirNucPro.range(2, 2, 8), 2..8); // capped at the end
+    /// assert_eq!(SpanRule::Coded.range(1, 2, 10), 1..7);
+    /// ```
+    pub fn range(self, offset: usize, aa_len: usize, strand_len: usize) -> std::ops::Range<usize> {
+        let start = offset.min(strand_len);
+        let end = match self {
+            SpanRule::Coded => offset + 3 * aa_len,
+            SpanRule::VirNucPro => offset + 1 + 3 * aa_len,
+        };
+        start..end.clamp(start, strand_len)
+    }
 }
 
 /// Amino acid of codon `16·b1 + 4·b2 + b3` with `A=0 C=1 G=2 T=3` (standard genetic code).
@@ -128,6 +165,8 @@ pub struct Translator {
     rc: Vec<u8>,
     /// Protein of the last frame translated.
     pub protein: Vec<u8>,
+    /// The chunk as loaded (for DNA spans).
+    raw: Vec<u8>,
 }
 
 impl Translator {
@@ -139,6 +178,8 @@ impl Translator {
         };
         self.codes.clear();
         self.codes.extend(chunk.iter().map(|&b| lut[b as usize]));
+        self.raw.clear();
+        self.raw.extend_from_slice(chunk);
         // Complement of code x < 4 is 3 - x; 4 (other) stays 4, as VirNucPro leaves N as N.
         self.rc.clear();
         self.rc.extend(
@@ -155,6 +196,29 @@ impl Translator {
     /// the stop).
     pub fn frame(&mut self, frame: Frame, ambiguity: Ambiguity) -> (FrameOutcome, usize) {
         self.translate(frame, ambiguity, true)
+    }
+
+    /// The DNA span of the last frame translated (which must be `frame`, translated whole: a kept
+    /// frame), upper-cased, into `out` (cleared first). Bases are written as the translation read
+    /// them: `ACGT` (also for lowercase, and `U` in the default mode), every other character
+    /// upper-cased and, on the reverse strand, left uncomplemented (VirNucPro's `reverse_complement`).
+    pub fn dna_span(&self, frame: Frame, rule: SpanRule, out: &mut Vec<u8>) {
+        out.clear();
+        let len = self.codes.len();
+        let range = rule.range(frame.offset(), self.protein.len(), len);
+        let base = |code: u8, raw: u8| {
+            if code < 4 {
+                b"ACGT"[code as usize]
+            } else {
+                raw.to_ascii_uppercase()
+            }
+        };
+        if frame.reverse() {
+            // Position i of the reverse complement is position len - 1 - i of the chunk.
+            out.extend(range.map(|i| base(self.rc[i], self.raw[len - 1 - i])));
+        } else {
+            out.extend(range.map(|i| base(self.codes[i], self.raw[i])));
+        }
     }
 
     fn translate(
@@ -372,7 +436,111 @@ mod tests {
         assert!(kept(b"AC", Ambiguity::X).is_empty());
     }
 
+    /// VirNucPro's DNA span of each kept frame (`identify_seq`), string-based: upper-case, reverse
+    /// complement of `ACGT` only, `s[n-1 : n + 3·len(protein)]` with Python's capping slice.
+    fn reference_spans(seq: &str) -> Vec<(Frame, String)> {
+        let up = seq.to_ascii_uppercase();
+        let rc: String = up
+            .chars()
+            .rev()
+            .map(|c| match c {
+                'A' => 'T',
+                'T' => 'A',
+                'C' => 'G',
+                'G' => 'C',
+                o => o,
+            })
+            .collect();
+        let proteins = reference_six(&up, true);
+        let mut out = vec![];
+        for (k, (frame, protein)) in Frame::ALL.iter().zip(&proteins).enumerate() {
+            if protein.contains('*') || protein.is_empty() {
+                continue;
+            }
+            let strand = if k < 3 { &up } else { &rc };
+            let n = k % 3 + 1;
+            let end = (n + 3 * protein.len()).min(strand.len());
+            let start = (n - 1).min(end);
+            out.push((*frame, strand[start..end].to_string()));
+        }
+        out
+    }
+
+    fn spans(seq: &[u8], amb: Ambiguity, rule: SpanRule) -> Vec<(Frame, String)> {
+        let mut t = Translator::default();
+        t.load(seq, amb);
+        let mut out = vec![];
+        let mut dna = vec![];
+        for f in Frame::ALL {
+            if t.frame(f, amb).0 == FrameOutcome::Kept {
+                t.dna_span(f, rule, &mut dna);
+                out.push((f, String::from_utf8_lossy(&dna).into_owned()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dna_span_hand_checked_cases() {
+        // ATGGCCAAAG: F1 = ATG GCC AAA (M A K), span = one base more: ATGGCCAAAG (10 bases);
+        // F2 = TGG CCA AAG (W P K): span TGGCCAAAG capped at the end (9 bases).
+        let s = spans(b"atggccaaag", Ambiguity::Drop, SpanRule::VirNucPro);
+        assert_eq!(s[0], (Frame::F1, "ATGGCCAAAG".into()));
+        assert_eq!(s[1], (Frame::F2, "TGGCCAAAG".into()));
+        let s = spans(b"atggccaaag", Ambiguity::X, SpanRule::Coded);
+        assert_eq!(s[0], (Frame::F1, "ATGGCCAAA".into()));
+        // ATG NNN GCC A: VirNucPro drops NNN, so aa_len = 2 and F1's span is ATGNNNG (3·2 + 1 bases):
+        // shorter than the coded region and ending inside it. The default keeps all three codons.
+        let s = spans(b"ATGNNNGCCA", Ambiguity::Drop, SpanRule::VirNucPro);
+        assert_eq!(s[0], (Frame::F1, "ATGNNNG".into()));
+        let s = spans(b"ATGNNNGCCA", Ambiguity::X, SpanRule::Coded);
+        assert_eq!(s[0], (Frame::F1, "ATGNNNGCC".into()));
+        // Reverse frames read the reverse complement; N stays N, U is T in the default only.
+        // GCCAAAGUU in compat: the reverse complement is UUCTTTGGC (U left as it is); R1 = UUC
+        // (dropped) TTT GGC → "FG", so its span is 3·2 + 1 = 7 bases from 0: UUCTTTG — the dropped
+        // codon in, the last codon half out.
+        let s = spans(b"GCCAAAGUU", Ambiguity::Drop, SpanRule::VirNucPro);
+        assert_eq!(s[3], (Frame::R1, "UUCTTTG".into()));
+        let s = spans(b"GCCAAAGTT", Ambiguity::X, SpanRule::Coded);
+        let r1 = s.iter().find(|(f, _)| *f == Frame::R1).expect("R1 kept");
+        assert_eq!(r1.1, "AACTTTGGC");
+        let s = spans(b"GCCAAAGUU", Ambiguity::X, SpanRule::Coded);
+        assert_eq!(
+            s.iter()
+                .find(|(f, _)| *f == Frame::R1)
+                .map(|x| x.1.as_str()),
+            Some("AACTTTGGC")
+        );
+    }
+
     proptest! {
+        #[test]
+        fn compat_dna_spans_match_virnucpro_reference(seq in "[ACGTNacgtnRYKMSWBDHVU]{0,120}") {
+            let ours = spans(seq.as_bytes(), Ambiguity::Drop, SpanRule::VirNucPro);
+            prop_assert_eq!(ours, reference_spans(&seq));
+        }
+
+        #[test]
+        fn default_dna_spans_are_the_coded_bases(seq in "[ACGTNacgtRY]{0,120}") {
+            let mut t = Translator::default();
+            t.load(seq.as_bytes(), Ambiguity::X);
+            let up = seq.to_ascii_uppercase();
+            let mut dna = vec![];
+            for f in Frame::ALL {
+                if t.frame(f, Ambiguity::X).0 != FrameOutcome::Kept {
+                    continue;
+                }
+                t.dna_span(f, SpanRule::Coded, &mut dna);
+                prop_assert_eq!(dna.len(), 3 * t.protein.len());
+                // Translating the span again gives the frame's protein: the span is its codons.
+                let again = six_frames_full(&dna, Ambiguity::X)[0].clone();
+                prop_assert_eq!(&again, &t.protein);
+                if !f.reverse() {
+                    prop_assert_eq!(&dna[..], &up.as_bytes()[f.offset()..f.offset() + dna.len()]);
+                }
+            }
+        }
+
         #[test]
         fn six_frames_match_reference(seq in "[ACGTNacgtRY]{0,200}") {
             for (amb, drop) in [(Ambiguity::X, false), (Ambiguity::Drop, true)] {

@@ -325,6 +325,68 @@ fn compat_mode_equals_virnucpro_golden_output() {
     }
 }
 
+fn read_fasta_pairs(path: &std::path::Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .map(|r| (r[0][1..].to_string(), r[1].to_string()))
+        .collect()
+}
+
+#[test]
+fn compat_dna_spans_equal_virnucpro_golden_output() {
+    // The .fna files hold the `nucleotide` field of VirNucPro's own `identify_seq` for the same frames
+    // as the .faa files (tools/virnucpro_golden.py; see tests/fixtures/README.md): one base past the
+    // codons, capped at the chunk's end, shortened and shifted where ambiguous codons were dropped.
+    for chunk_len in [300, 500] {
+        let expected = read_fasta_pairs(&fixture(&format!("virnucpro_synthetic.c{chunk_len}.fna")));
+        let run_mode = |compat| {
+            let c = PipelineConfig {
+                chunk_len,
+                virnucpro_compat: compat,
+                ..config(vec![fixture("virnucpro_synthetic.fa")])
+            };
+            proteins(&c)
+                .unwrap()
+                .map(|p| p.map(|p| (p.id, p.dna)).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert!(expected.len() > 40);
+        let compat = run_mode(true);
+        assert_eq!(compat, expected);
+        // Frames whose span is shorter than one base past their codons exist in the fixture (capped
+        // at the chunk end, or after dropped codons), so the `+1` and the cap are both exercised.
+        let proteins_of =
+            read_fasta_pairs(&fixture(&format!("virnucpro_synthetic.c{chunk_len}.faa")));
+        let short = compat
+            .iter()
+            .zip(&proteins_of)
+            .filter(|((_, d), (_, p))| d.len() < 3 * p.len() + 1)
+            .count();
+        assert!(short > 0 && short < compat.len(), "{short}");
+        // The default span (the coded bases exactly) differs: the comparison can fail.
+        let default = run_mode(false);
+        assert_ne!(default, expected);
+        for ((id, dna), (id_p, protein)) in default.iter().zip(&run_mode_proteins(chunk_len)) {
+            assert_eq!(id, id_p);
+            assert_eq!(dna.len(), 3 * protein.len(), "{id}");
+        }
+    }
+}
+
+fn run_mode_proteins(chunk_len: usize) -> Vec<(String, String)> {
+    let c = PipelineConfig {
+        chunk_len,
+        ..config(vec![fixture("virnucpro_synthetic.fa")])
+    };
+    proteins(&c)
+        .unwrap()
+        .map(|p| p.map(|p| (p.id, p.residues)).unwrap())
+        .collect()
+}
+
 /// `--input-shard I/N`: the shards of a run partition its records: together they give exactly the
 /// sequences of the unsharded run, each in one shard, whole records per shard, and every shard's
 /// report accounts for the records it left to the others.

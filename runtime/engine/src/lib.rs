@@ -199,7 +199,9 @@ pub trait Engine: Send + std::fmt::Debug {
     /// Runs a pack of `tokens` tokens once so that allocations and kernel choices happen before the
     /// timed work (TEI's warm-up at the largest batch).
     fn warmup(&mut self, tokens: usize) -> Result<()> {
-        let batch = warmup_batch(tokens, self.info().metadata.model.max_residues as usize);
+        // ESM-2's longest sequence; families without a limit warm up on sequences of that size too.
+        let longest = self.info().metadata.model.max_residues.unwrap_or(1022);
+        let batch = warmup_batch(tokens, longest as usize);
         self.embed(&batch).map(|_| ())
     }
 }

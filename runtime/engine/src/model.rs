@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 use sha2::{Digest, Sha256};
-use virnuc_core::{ModelMetadata, TensorSpec, alphabet};
+use virnuc_core::{ModelMetadata, TensorSpec, TokenizerSpec};
 
 use crate::{EngineError, Result};
 
@@ -80,22 +80,19 @@ impl ModelFiles {
                 meta.format
             )));
         }
-        if meta
-            .alphabet
-            .iter()
-            .map(String::as_str)
-            .ne(alphabet::TOKENS)
-        {
-            return Err(EngineError::Model(format!(
-                "{here}: the model's alphabet differs from ESM-2's (the tokenizer would feed it wrong ids)"
-            )));
-        }
-        let model = &meta.model;
-        if model.num_heads == 0 || !model.hidden_size.is_multiple_of(model.num_heads) {
-            return Err(EngineError::Model(format!(
-                "{here}: hidden_size {} is not a multiple of num_heads {}",
-                model.hidden_size, model.num_heads
-            )));
+        meta.check_family()
+            .map_err(|m| EngineError::Model(format!("{here}: {m}")))?;
+        if let Some(tokenizer) = self.tokenizer_file(&meta) {
+            // Small, and the ids depend on every byte of it: always checked.
+            let actual = sha256_file(&tokenizer)?;
+            if let TokenizerSpec::HfTokenizers { sha256, .. } = &meta.tokenizer
+                && !actual.eq_ignore_ascii_case(sha256)
+            {
+                return Err(EngineError::Model(format!(
+                    "{} does not match its metadata {here}: sha256 {actual}, metadata says {sha256}",
+                    tokenizer.display()
+                )));
+            }
         }
         if !skip_hash {
             let actual = sha256_file(&self.onnx)?;
@@ -109,6 +106,18 @@ impl ModelFiles {
             }
         }
         Ok(meta)
+    }
+}
+
+impl ModelFiles {
+    /// The tokenizer file the metadata names, beside the metadata (`None` for the ESM-2 alphabet).
+    pub fn tokenizer_file(&self, meta: &ModelMetadata) -> Option<PathBuf> {
+        match &meta.tokenizer {
+            TokenizerSpec::Esm2Alphabet => None,
+            TokenizerSpec::HfTokenizers { file, .. } => {
+                Some(self.metadata.parent().unwrap_or(Path::new(".")).join(file))
+            }
+        }
     }
 }
 
@@ -263,7 +272,7 @@ pub(crate) fn check_session(meta: &ModelMetadata, session: &Session, where_: &st
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virnuc_core::{ModelConfig, ModelFamily, ModelSource, Pooling, TokenizerSpec};
+    use virnuc_core::{ModelConfig, ModelFamily, ModelSource, Pooling, TokenizerSpec, alphabet};
 
     fn spec(name: &str, dtype: &str, shape: &[&str]) -> TensorSpec {
         TensorSpec {
