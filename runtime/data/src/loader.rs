@@ -308,6 +308,15 @@ impl Source {
         self
     }
 
+    /// A file is open whose mode check has not decided yet (records read from it may still be refused).
+    pub fn mode_pending(&self) -> bool {
+        self.current.is_some()
+            && self
+                .mode_check
+                .as_ref()
+                .is_some_and(|c| !c.decided && c.letters < MODE_SAMPLE_LETTERS)
+    }
+
     /// Index of the input being read (the last one opened).
     pub fn current_file(&self) -> usize {
         self.next_file.saturating_sub(1)

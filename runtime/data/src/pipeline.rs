@@ -811,6 +811,11 @@ pub struct Proteins {
     /// Stage counters so far.
     pub stats: StageStats,
     failed: bool,
+    /// The error that ended the input, handed out after the proteins before it.
+    error: Option<DataError>,
+    /// Input of the last record read, and how many queued proteins came from it.
+    file: Option<usize>,
+    file_items: usize,
 }
 
 /// The proteins of `config.inputs` (the packing fields of `config` are ignored).
@@ -850,6 +855,9 @@ pub fn proteins_from(inputs: Vec<Input>, config: &PipelineConfig) -> Result<Prot
         next_index: 0,
         stats: StageStats::default(),
         failed: false,
+        error: None,
+        file: None,
+        file_items: 0,
     })
 }
 
@@ -886,16 +894,24 @@ impl Iterator for Proteins {
     type Item = Result<ProteinRecord, DataError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        while self.queue.is_empty() && !self.failed {
+        // While the mode check of the file being read is undecided its proteins are held back, so
+        // that a file refused for its mode yields none of them.
+        while (self.queue.is_empty() || self.source.mode_pending()) && !self.failed {
             let Self {
                 source,
                 processor,
                 queue,
                 next_index,
                 stats,
+                file,
+                file_items,
                 ..
             } = self;
             let r = source.next_record(|r| {
+                if *file != Some(r.file) {
+                    *file = Some(r.file);
+                    *file_items = 0;
+                }
                 if r.seq.is_empty() {
                     return;
                 }
@@ -907,17 +923,27 @@ impl Iterator for Proteins {
                         dna: String::from_utf8_lossy(dna).into_owned(),
                     });
                     *next_index += 1;
+                    *file_items += 1;
                 });
             });
             match r {
                 Ok(true) => {}
-                Ok(false) => return None,
+                Ok(false) => break,
                 Err(e) => {
+                    if matches!(e, DataError::Mode { .. })
+                        && self.file == Some(self.source.current_file())
+                    {
+                        let keep = self.queue.len().saturating_sub(self.file_items);
+                        self.queue.truncate(keep);
+                    }
                     self.failed = true;
-                    return Some(Err(e));
+                    self.error = Some(e);
                 }
             }
         }
-        self.queue.pop_front().map(Ok)
+        match self.queue.pop_front() {
+            Some(p) => Some(Ok(p)),
+            None => self.error.take().map(Err),
+        }
     }
 }

@@ -510,3 +510,32 @@ fn regression_progress_counts_on_disk_bytes_of_every_input() {
     let p = virnuc_data::InputProgress::for_paths(&["-".into()]);
     assert_eq!(p.total_bytes(), None);
 }
+
+#[test]
+fn regression_mode_mismatch_yields_no_protein_of_the_refused_file_in_the_sequential_view() {
+    // `virnuc-trt translate` streams proteins to standard output: none of a refused file's may come
+    // before the error; those of an earlier, accepted file do.
+    let cfg = config(vec![fixture("lambda_virus.fa"), fixture("globins45.fa")]);
+    let mut got = Vec::new();
+    let mut error = None;
+    for p in virnuc_data::proteins(&cfg).unwrap() {
+        match p {
+            Ok(p) => got.push(p.id),
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    let error = error.expect("refused");
+    assert!(
+        error.contains("globins45.fa") && error.contains("--mode protein"),
+        "{error}"
+    );
+    assert!(
+        !got.is_empty() && got.iter().all(|id| id.contains("_chunk_")),
+        "{got:?}"
+    );
+    let globins_only = virnuc_data::proteins(&config(vec![fixture("globins45.fa")]))
+        .unwrap()
+        .collect::<Vec<_>>();
+    assert_eq!(globins_only.len(), 1, "only the error");
+    assert!(globins_only[0].is_err());
+}
