@@ -1,4 +1,5 @@
-"""`python -m virnuc_export`: ESM-2 checkpoint → packed ONNX graph + metadata (see export/README.md)."""
+"""`python -m virnuc_export`: ESM-2 or DNABERT-S checkpoint → packed ONNX graph + metadata (see
+export/README.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from .weights import open_source
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m virnuc_export", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", metavar="DIR", help="Hugging Face ESM-2 folder (config.json + weights)")
+    src.add_argument(
+        "--hf",
+        metavar="DIR",
+        help="Hugging Face folder (config.json + weights): ESM-2, or DNABERT-S/DNABERT-2 (+ tokenizer.json)",
+    )
     src.add_argument("--fair-esm", metavar="FILE", help="fair-esm ESM-2 checkpoint (.pt)")
     src.add_argument(
         "--random", metavar="NAME", help="models/NAME.yaml (or a YAML path) with seeded random weights"
@@ -30,6 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seeded random classifier for 768 + --esm-dim features (tests, demo)",
     )
     p.add_argument("--seed", type=int, help="seed for --random / --random-classifier")
+    p.add_argument(
+        "--layers", type=int, help="--random: this many layers instead of the config's (tests; 1..1000)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="--random DNABERT-S: tokenizer.json to ship (default: the project's test tokenizer, trained "
+        "on tests/fixtures/lambda_virus.fa by tools/train_test_tokenizer.py)",
+    )
     p.add_argument(
         "--esm-dim", type=int, help="ESM-2 width for --random-classifier (320 for t6_8M, 2560 for 3B)"
     )
@@ -64,7 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.classifier is not None or args.random_classifier:
         return export_classifier(args)
     fused = args.fused if args.fused is not None else args.attention != "masked"
-    source = open_source(hf=args.hf, fair_esm=args.fair_esm, random=args.random, seed=args.seed)
+    try:
+        source = open_source(
+            hf=args.hf,
+            fair_esm=args.fair_esm,
+            random=args.random,
+            seed=args.seed,
+            layers=args.layers,
+            tokenizer=args.tokenizer,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     options = GraphOptions(
         attention=args.attention,
         fused=fused,

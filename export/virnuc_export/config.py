@@ -20,8 +20,8 @@ CLS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 32
 # Model families. The family decides the graph, the tokenizer and the pooling rule.
 FAMILIES: tuple[str, ...] = ("esm2", "dnabert_s")
 
-# The fields of the Rust `ModelConfig` (deny_unknown_fields), in this order; each family has exactly its
-# own subset (the ESM-2 ones are optional in Rust).
+# The fields of the Rust `ModelConfig` (deny_unknown_fields): the common ones, then the ESM-2-only ones
+# (optional in Rust, present exactly for ESM-2). JSON/YAML key order carries no meaning.
 _COMMON_FIELDS: tuple[str, ...] = (
     "name",
     "family",
@@ -32,19 +32,11 @@ _COMMON_FIELDS: tuple[str, ...] = (
     "num_heads",
     "ffn_size",
     "vocab_size",
-)
-CONFIG_FIELDS: tuple[str, ...] = (
-    *_COMMON_FIELDS,
-    "max_positions",
-    "max_residues",
     "layer_norm_eps",
-    "rotary_base",
-    "token_dropout_scale",
 )
-FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
-    "esm2": CONFIG_FIELDS,
-    "dnabert_s": (*_COMMON_FIELDS, "layer_norm_eps"),
-}
+ESM2_ONLY_FIELDS: tuple[str, ...] = ("max_positions", "max_residues", "rotary_base", "token_dropout_scale")
+CONFIG_FIELDS: tuple[str, ...] = (*_COMMON_FIELDS, *ESM2_ONLY_FIELDS)
+FAMILY_FIELDS: dict[str, tuple[str, ...]] = {"esm2": CONFIG_FIELDS, "dnabert_s": _COMMON_FIELDS}
 _INT_FIELDS = {
     "num_layers",
     "hidden_size",

@@ -1,4 +1,5 @@
-"""Export driver: weight source + options → DIR/model.onnx (+ model.onnx.data) + DIR/model.json."""
+"""Export driver: weight source + options → DIR/model.onnx (+ model.onnx.data) + DIR/model.json (+ the
+DNABERT-S tokenizer.json)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ import onnx
 from . import __version__
 from .config import ALPHABET
 from .graph import EsmGraph, GraphOptions, InitializerStore
+from .graph_base import PackedGraph
+from .graph_dnabert import DnabertGraph
 from .weights import WeightSource, canonical_names, canonical_shape
 
 FORMAT = "virnuc-trt-onnx/1"
 # Key of the ONNX model's own `metadata_props` entry that carries model.json (less `onnx_sha256`), so that
 # a runtime can check that model.json describes this very graph.
 METADATA_PROPS_KEY = "virnuc.metadata"
-POOLING = {"esm2": "mean_residues", "dnabert_s": "mean_all_tokens"}
+GRAPHS: dict[str, type[PackedGraph]] = {"esm2": EsmGraph, "dnabert_s": DnabertGraph}
+POOLING = {family: graph.pooling for family, graph in GRAPHS.items()}
 # Protobuf cannot hold more than 2 GiB; above this many weight bytes the tensors go to model.onnx.data.
 EXTERNAL_THRESHOLD = 1 << 30
 TOKENIZER_FILE = "tokenizer.json"
@@ -95,7 +99,7 @@ def export(
         data_path.unlink()
     store = InitializerStore(data_path if use_external else None)
     try:
-        model = EsmGraph(source, options, store).build()
+        model = GRAPHS[source.config["family"]](source, options, store).build()
     finally:
         store.close()
     inputs, outputs = tensor_specs(options, source.config["hidden_size"])

@@ -1,4 +1,5 @@
-"""Float64 numpy oracle of `com.virnuc:VarlenAttention` (plugins/varlen_attention/README.md, version 1).
+"""Float64 numpy oracle of `com.virnuc:VarlenAttention` (plugins/varlen_attention/README.md, version 2:
+rotary mode for ESM-2, ALiBi mode for DNABERT-S).
 
 The runtime's CPU op, the CUDA kernel and the TensorRT plugin are tested against this function; it is
 itself tested against the exporter's standard-ops (`masked`) attention, which is tested against HF
@@ -6,6 +7,8 @@ transformers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,8 +37,13 @@ def varlen_attention(
     scale: float | None = None,
     rotary: int = 1,
     rotary_base: float = 10000.0,
+    alibi_slopes: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """qkv [T, 3·H·D] → out [T, H·D], float64. Each token attends only to its own sequence."""
+    """qkv [T, 3·H·D] → out [T, H·D], float64. Each token attends only to its own sequence.
+
+    ALiBi mode (`alibi_slopes` of length H, non-empty; needs rotary=0): score[h, i, j] =
+    scale·q_i·k_j - alibi_slopes[h]·|i - j|, i and j the tokens' offsets inside their sequence (from
+    cu_seqlens; position_ids are not used). The slopes are taken as float32, as the attribute holds them."""
     qkv = np.asarray(qkv, dtype=np.float64)
     total, width = qkv.shape
     if width % (3 * num_heads) != 0:
@@ -46,6 +54,13 @@ def varlen_attention(
     if cu[0] != 0 or cu[-1] != total or np.any(np.diff(cu) < 0):
         raise ValueError(f"cu_seqlens {cu.tolist()} does not describe {total} tokens")
     scale = d**-0.5 if scale is None else scale
+    slopes = None
+    if alibi_slopes is not None and len(alibi_slopes) > 0:
+        if rotary:
+            raise ValueError("alibi_slopes needs rotary=0 (the two position modes exclude each other)")
+        if len(alibi_slopes) != num_heads:
+            raise ValueError(f"{len(alibi_slopes)} alibi_slopes for {num_heads} heads")
+        slopes = np.asarray(alibi_slopes, dtype=np.float32).astype(np.float64)
     q = qkv[:, :hd].reshape(total, num_heads, d)
     k = qkv[:, hd : 2 * hd].reshape(total, num_heads, d)
     v = qkv[:, 2 * hd :].reshape(total, num_heads, d)
@@ -61,6 +76,9 @@ def varlen_attention(
         if e == s:
             continue
         scores = np.einsum("qhd,khd->hqk", q[s:e], k[s:e]) * scale
+        if slopes is not None:
+            offsets = np.arange(e - s)
+            scores -= slopes[:, None, None] * np.abs(offsets[:, None] - offsets[None, :])[None]
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)

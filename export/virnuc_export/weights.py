@@ -1,8 +1,10 @@
-"""Weights from any source, in one canonical form: HF `EsmModel` state-dict names (no `esm.` prefix),
-float32 numpy arrays, produced one tensor at a time so that big models stream through the exporter.
+"""Weights from any source, in one canonical form per family — ESM-2: HF `EsmModel` state-dict names (no
+`esm.` prefix); DNABERT-S: MosaicBERT `BertModel` names (no `bert.` prefix) — as float32 numpy arrays,
+produced one tensor at a time so that big models stream through the exporter.
 
-Sources: a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin), a fair-esm `.pt`
-checkpoint, or seeded random weights for a `models/*.yaml` config.
+Sources: a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin; ESM-2 or
+DNABERT-S/DNABERT-2, told apart by config.json), a fair-esm `.pt` checkpoint, or seeded random weights
+for a `models/*.yaml` config.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import config_for_architecture, family_configs, load_model_config
+from .config import config_for_architecture, family_configs, load_model_config, validate_config
 
 _LAYER_PARAMS: tuple[tuple[str, str], ...] = (
     # (canonical suffix under encoder.layer.{i}., kind) — kind picks the random init.
@@ -42,8 +44,36 @@ _LAYER_PARAMS: tuple[tuple[str, str], ...] = (
 )
 
 
+_DNABERT_LAYER_PARAMS: tuple[tuple[str, str], ...] = (
+    # `BertModel` (MosaicBERT, bert_layers.py) names under encoder.layer.{i}.
+    ("attention.self.Wqkv.weight", "matrix"),
+    ("attention.self.Wqkv.bias", "bias"),
+    ("attention.output.dense.weight", "matrix"),
+    ("attention.output.dense.bias", "bias"),
+    ("attention.output.LayerNorm.weight", "ln_weight"),
+    ("attention.output.LayerNorm.bias", "bias"),
+    ("mlp.gated_layers.weight", "matrix"),
+    ("mlp.wo.weight", "matrix"),
+    ("mlp.wo.bias", "bias"),
+    ("mlp.layernorm.weight", "ln_weight"),
+    ("mlp.layernorm.bias", "bias"),
+)
+# DNABERT-S: token type 0 is the only one used, but the checkpoint holds type_vocab_size (2) rows.
+DNABERT_TYPE_VOCAB = 2
+
+
 def canonical_names(config: dict[str, Any]) -> list[tuple[str, str]]:
     """Every parameter the packed graph needs, with its init kind, in a fixed order."""
+    if config["family"] == "dnabert_s":
+        names = [
+            ("embeddings.word_embeddings.weight", "embedding"),
+            ("embeddings.token_type_embeddings.weight", "embedding"),
+            ("embeddings.LayerNorm.weight", "ln_weight"),
+            ("embeddings.LayerNorm.bias", "bias"),
+        ]
+        for i in range(config["num_layers"]):
+            names += [(f"encoder.layer.{i}.{suffix}", kind) for suffix, kind in _DNABERT_LAYER_PARAMS]
+        return names
     names = [("embeddings.word_embeddings.weight", "embedding")]
     for i in range(config["num_layers"]):
         names += [(f"encoder.layer.{i}.{suffix}", kind) for suffix, kind in _LAYER_PARAMS]
@@ -58,6 +88,19 @@ def canonical_shape(config: dict[str, Any], name: str) -> tuple[int, ...]:
     h, f, v = config["hidden_size"], config["ffn_size"], config["vocab_size"]
     if name == "embeddings.word_embeddings.weight":
         return (v, h)
+    if config["family"] == "dnabert_s":
+        shapes = {
+            "embeddings.token_type_embeddings.weight": (DNABERT_TYPE_VOCAB, h),
+            "attention.self.Wqkv.weight": (3 * h, h),
+            "attention.self.Wqkv.bias": (3 * h,),
+            "attention.output.dense.weight": (h, h),
+            "mlp.gated_layers.weight": (2 * f, h),
+            "mlp.wo.weight": (h, f),
+        }
+        for suffix, shape in shapes.items():
+            if name.endswith(suffix):
+                return shape
+        return (h,)
     if name.endswith("intermediate.dense.weight"):
         return (f, h)
     if name.endswith("intermediate.dense.bias"):
@@ -115,11 +158,34 @@ class RandomWeights(WeightSource):
 
     kind = "random"
 
-    def __init__(self, config_name: str, seed: int) -> None:
+    def __init__(
+        self, config_name: str, seed: int, layers: int | None = None, tokenizer: str | Path | None = None
+    ) -> None:
         self.config = load_model_config(config_name)
+        if layers is not None:
+            # Fewer (or more) layers of the same architecture, for tests; the tensors of layer i do not
+            # depend on the layer count (each is seeded by its own name).
+            if not 1 <= layers <= 1000:
+                raise ValueError(f"--layers {layers} outside 1..1000")
+            self.config["num_layers"] = int(layers)
         self.path = None
         self.seed = int(seed)
         self._kinds = dict(canonical_names(self.config))
+        self._tokenizer = Path(tokenizer) if tokenizer is not None else None
+        if self._tokenizer is not None and self.config["family"] != "dnabert_s":
+            raise ValueError("--tokenizer is for DNABERT-S configs (ESM-2 has a fixed alphabet)")
+        if self._tokenizer is not None and not self._tokenizer.is_file():
+            raise FileNotFoundError(f"tokenizer {self._tokenizer} does not exist")
+
+    def tokenizer_file(self) -> Path | None:
+        if self.config["family"] != "dnabert_s":
+            return None
+        if self._tokenizer is None:
+            # The project's test tokenizer, trained on the committed lambda genome (deterministic).
+            from .dna_tokenizer import default_test_tokenizer
+
+            self._tokenizer = default_test_tokenizer()
+        return self._tokenizer
 
     def get(self, name: str) -> np.ndarray:
         kind = self._kinds[name]
@@ -158,13 +224,14 @@ class _TensorMapSource(WeightSource):
     def __init__(self) -> None:
         self._lookup: dict[str, Any] = {}
         self._files: list[Path] = []
+        self._shapes: dict[str, tuple[int, ...]] = {}  # where the checkpoint's shape is the reference
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._lookup:
             raise KeyError(f"{self.path}: checkpoint has no tensor for {name}")
         value = self._lookup[name]
         arr = _to_numpy(value() if callable(value) else value)
-        want = canonical_shape(self.config, name)
+        want = self._shapes.get(name) or canonical_shape(self.config, name)
         if arr.shape != want:
             raise ValueError(f"{self.path}: {name} has shape {arr.shape}, expected {want}")
         return arr
@@ -204,24 +271,119 @@ class HfWeights(_TensorMapSource):
         )
         if hf.get("mask_token_id", 32) != 32 or hf.get("vocab_size", 33) != 33:
             raise ValueError(f"{folder}: vocabulary differs from the ESM-2 alphabet")
-        raw: dict[str, Any] = {}
-        st = sorted(folder.glob("model*.safetensors"))
-        if st:
-            for p in st:
-                raw.update(safetensors_index(p))
-            self._files = st
-        else:
-            bins = sorted(folder.glob("pytorch_model*.bin"))
-            if not bins:
-                raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
-            import torch
-
-            for p in bins:
-                raw.update(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
-            self._files = bins
+        raw, self._files = read_hf_weights(folder)
         for key, value in raw.items():
             name = key[len("esm.") :] if key.startswith("esm.") else key
             self._lookup[name] = value
+
+
+def read_hf_weights(folder: Path) -> tuple[dict[str, Any], list[Path]]:
+    """Lazy tensors of an HF folder: model*.safetensors (one or sharded), else pytorch_model*.bin."""
+    raw: dict[str, Any] = {}
+    st = sorted(folder.glob("model*.safetensors"))
+    if st:
+        for p in st:
+            raw.update(safetensors_index(p))
+        return raw, st
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    import torch
+
+    for p in bins:
+        raw.update(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
+    return raw, bins
+
+
+def hf_family(folder: Path, hf: dict[str, Any]) -> str:
+    """The family of an HF folder's config.json: ESM-2 (`model_type` esm, rotary) or DNABERT-S/DNABERT-2
+    (MosaicBERT `bert` config with its remote code `bert_layers.BertModel` or `alibi_starting_size`)."""
+    if hf.get("model_type") == "esm" or hf.get("position_embedding_type") == "rotary":
+        return "esm2"
+    auto_map = hf.get("auto_map") or {}
+    mosaic = "alibi_starting_size" in hf or any("bert_layers" in str(v) for v in auto_map.values())
+    if hf.get("model_type") == "bert" and mosaic:
+        return "dnabert_s"
+    raise ValueError(
+        f"{folder}/config.json: neither ESM-2 (model_type esm, rotary positions) nor DNABERT-S/DNABERT-2 "
+        f"(model_type bert with MosaicBERT's bert_layers code or alibi_starting_size); "
+        f"model_type is {hf.get('model_type')!r}"
+    )
+
+
+def dnabert_config_for_architecture(
+    num_layers: int, hidden_size: int, num_heads: int, ffn_size: int, vocab_size: int, layer_norm_eps: float
+) -> dict[str, Any]:
+    """The models/*.yaml DNABERT-S entry with this architecture (DNABERT-2-117M has the same one and gets
+    the same entry; the source sha256 tells the checkpoints apart), or a custom config named after it."""
+    for c in family_configs("dnabert_s"):
+        arch = (c["num_layers"], c["hidden_size"], c["num_heads"], c["ffn_size"], c["vocab_size"])
+        if arch == (num_layers, hidden_size, num_heads, ffn_size, vocab_size):
+            c["layer_norm_eps"] = float(layer_norm_eps)
+            return c
+    return validate_config(
+        {
+            "name": f"dnabert_s_custom_t{num_layers}_h{hidden_size}",
+            "family": "dnabert_s",
+            "checkpoint": "",
+            "hf_repo": "",
+            "num_layers": num_layers,
+            "hidden_size": hidden_size,
+            "num_heads": num_heads,
+            "ffn_size": ffn_size,
+            "vocab_size": vocab_size,
+            "layer_norm_eps": layer_norm_eps,
+        }
+    )
+
+
+class DnabertHfWeights(_TensorMapSource):
+    """A DNABERT-S / DNABERT-2 folder: config.json (MosaicBERT `BertConfig`), model.safetensors or
+    pytorch_model.bin with `BertModel` state-dict names (a `bert.` prefix, as `BertForMaskedLM` saves,
+    is accepted; pooler and MLM head are not used), and tokenizer.json."""
+
+    kind = "hf"
+
+    def __init__(self, folder: str | Path, hf: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        folder = Path(folder)
+        self.path = str(folder)
+        if hf is None:
+            with (folder / "config.json").open() as f:
+                hf = json.load(f)
+        try:
+            dims = [int(hf[k]) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads")]
+            dims += [int(hf["intermediate_size"]), int(hf["vocab_size"])]
+        except KeyError as e:
+            raise ValueError(f"{folder}/config.json: no {e.args[0]}") from None
+        self.config = dnabert_config_for_architecture(*dims, float(hf.get("layer_norm_eps", 1e-12)))
+        self._tokenizer = folder / "tokenizer.json"
+        if not self._tokenizer.is_file():
+            raise FileNotFoundError(f"{folder}: no tokenizer.json (DNABERT-S needs its BPE tokenizer)")
+        raw, self._files = read_hf_weights(folder)
+        for key, value in raw.items():
+            name = key[len("bert.") :] if key.startswith("bert.") else key
+            self._lookup[name] = value
+        type_rows = int(hf.get("type_vocab_size", DNABERT_TYPE_VOCAB))
+        if type_rows < 1:
+            raise ValueError(f"{folder}/config.json: type_vocab_size {type_rows} < 1")
+        self._shapes["embeddings.token_type_embeddings.weight"] = (type_rows, self.config["hidden_size"])
+
+    def tokenizer_file(self) -> Path | None:
+        return self._tokenizer
+
+
+def open_hf(folder: str | Path) -> WeightSource:
+    """An HF folder of either family, told apart by its config.json."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    with config_path.open() as f:
+        hf = json.load(f)
+    if hf_family(folder, hf) == "dnabert_s":
+        return DnabertHfWeights(folder, hf)
+    return HfWeights(folder)
 
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
@@ -375,16 +537,23 @@ class FairEsmWeights(_TensorMapSource):
 
 
 def open_source(
-    hf: str | None = None, fair_esm: str | None = None, random: str | None = None, seed: int | None = None
+    hf: str | None = None,
+    fair_esm: str | None = None,
+    random: str | None = None,
+    seed: int | None = None,
+    layers: int | None = None,
+    tokenizer: str | None = None,
 ) -> WeightSource:
     given = [x is not None for x in (hf, fair_esm, random)]
     if sum(given) != 1:
         raise ValueError("give exactly one of --hf, --fair-esm, --random")
+    if random is None and (layers is not None or tokenizer is not None):
+        raise ValueError("--layers and --tokenizer go with --random (a checkpoint has its own)")
     if hf is not None:
-        return HfWeights(hf)
+        return open_hf(hf)
     if fair_esm is not None:
         return FairEsmWeights(fair_esm)
     if seed is None:
         raise ValueError("--random needs --seed")
     assert random is not None
-    return RandomWeights(random, seed)
+    return RandomWeights(random, seed, layers=layers, tokenizer=tokenizer)
