@@ -46,7 +46,8 @@ def test_masked_real_width_matches_reference_and_pack_of_20_equals_single_runs(d
     for i, t in enumerate(seqs):
         single = run(sess, pack([t]))
         np.testing.assert_allclose(packed["mean"][i], single["mean"][0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(packed["hidden"][cu[i] : cu[i + 1]], single["hidden"], rtol=1e-5, atol=1e-5)
+        got = packed["hidden"][cu[i] : cu[i + 1]]
+        np.testing.assert_allclose(got, single["hidden"], rtol=1e-5, atol=1e-5)
 
 
 def test_positions_that_run_on_give_the_same_output(dnabert_tiny: Dnabert):
