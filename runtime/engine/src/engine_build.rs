@@ -172,6 +172,8 @@ pub fn reexport_args(meta: &ModelMetadata, precision: &str, out: &Path) -> Resul
         ("random", _, Some(seed)) => {
             args.extend(["--random".into(), meta.model.name.clone()]);
             args.extend(["--seed".into(), seed.to_string()]);
+            // A random export may have fewer layers than its config (`--layers`, for tests).
+            args.extend(["--layers".into(), meta.model.num_layers.to_string()]);
         }
         ("hf", Some(p), _) => args.extend(["--hf".into(), p.clone()]),
         ("fair-esm", Some(p), _) => args.extend(["--fair-esm".into(), p.clone()]),
@@ -917,8 +919,8 @@ mod tests {
             .expect("random source");
         assert_eq!(
             args.join(" "),
-            "--random esm2_t6_8M --seed 7 --attention ort --fused --precision fp16 --per-token \
-             --repr-layer 5 --out /o"
+            "--random esm2_t6_8M --seed 7 --layers 6 --attention ort --fused --precision fp16 \
+             --per-token --repr-layer 5 --out /o"
         );
         let args = reexport_args(&meta("hf", Some("/ck/esm2"), None), "fp32", Path::new("/o"))
             .expect("hf");
