@@ -16,6 +16,7 @@ use virnuc_engine::engine_build::check_engine_dir;
 use virnuc_engine::{EngineInfo, EngineOptions, EngineThread, EngineThreadStats, Ep};
 use virnuc_output::{EmbeddingWriter, FinishSummary, OutputConfig, OutputError};
 
+use crate::devices::{DevicePool, DeviceReport};
 use crate::settings::{CPU_TOKS_PER_BATCH, EmbedArgs, EmbedSettings, usage};
 
 /// The JSON run report.
@@ -64,6 +65,9 @@ pub struct EmbedReport {
     pub output_bytes: u64,
     pub shards: usize,
     pub resumed: bool,
+    /// `--devices`: what each device did (packs, busy share, restarts, whether it failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<DeviceReport>>,
     /// The data path's own report (every record accounted for).
     pub data: RunReport,
 }
@@ -76,7 +80,9 @@ struct WriterDone {
 pub fn run(args: &EmbedArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut s = EmbedSettings::resolve(args)?;
-    precheck_output(&s)?;
+    if s.worker.is_none() {
+        precheck_output(&s)?;
+    }
 
     let mut options = match &s.engine {
         Some(dir) => {
@@ -121,8 +127,24 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     }
     // Warm up at the largest pack on GPUs (allocations, kernel choices); the CPU needs none.
     let warmup = (s.ep != Ep::Cpu).then_some(s.toks_per_batch);
-    let (engine, results) = EngineThread::spawn(options, warmup, s.prefetch)
-        .with_context(|| format!("cannot start the engine for {}", s.model.display()))?;
+    if let Some(slot) = s.worker {
+        return crate::devices::serve(slot, options, warmup, s.prefetch);
+    }
+    let (engine, results) = match &s.devices {
+        Some(list) => {
+            let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            let (pool, results) = DevicePool::spawn(own_args, list.clone(), s.prefetch)
+                .with_context(|| {
+                    format!("cannot start the device workers for {}", s.model.display())
+                })?;
+            (Runner::Pool(pool), results)
+        }
+        None => {
+            let (engine, results) = EngineThread::spawn(options, warmup, s.prefetch)
+                .with_context(|| format!("cannot start the engine for {}", s.model.display()))?;
+            (Runner::One(engine), results)
+        }
+    };
     let info = engine.info().clone();
     if info.ep == "cpu" && !s.toks_per_batch_set && s.engine.is_none() {
         // `auto` ended on the CPU: use the CPU's budget (attention memory grows with the pack).
@@ -249,6 +271,10 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         }
     }
     let engine_stats = engine.finish();
+    let (engine_stats, device_reports) = match engine_stats {
+        Ok((stats, reports)) => (Ok(stats), reports),
+        Err(e) => (Err(e), None),
+    };
     let written = writer_thread
         .join()
         .map_err(|_| anyhow!("the writer thread panicked"))?;
@@ -258,11 +284,48 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     let done = match (written, engine_stats, feed_error) {
         (_, _, Some(e)) => return Err(e),
         (Err(e), _, _) => return Err(e),
-        (_, Err(e), _) => return Err(anyhow!(e).context("inference failed")),
+        (_, Err(e), _) => return Err(e.context("inference failed")),
         (Ok(w), Ok(stats), None) => (w, stats),
     };
     let data = data.context("reading the input failed")?;
-    finish(&s, &info, done.0, done.1, data, t0, resumed)
+    finish(
+        &s,
+        &info,
+        done.0,
+        (done.1, device_reports),
+        data,
+        t0,
+        resumed,
+    )
+}
+
+/// The engine of a run: one in this process, or one worker process per device.
+enum Runner {
+    One(EngineThread),
+    Pool(DevicePool),
+}
+
+impl Runner {
+    fn info(&self) -> &EngineInfo {
+        match self {
+            Self::One(e) => e.info(),
+            Self::Pool(p) => p.info(),
+        }
+    }
+
+    fn submit(&self, batch: virnuc_core::PackedBatch) -> Result<()> {
+        match self {
+            Self::One(e) => e.submit(batch).map_err(|e| anyhow!(e)),
+            Self::Pool(p) => p.submit(batch),
+        }
+    }
+
+    fn finish(self) -> Result<(EngineThreadStats, Option<Vec<DeviceReport>>)> {
+        match self {
+            Self::One(e) => e.finish().map(|s| (s, None)).map_err(|e| anyhow!(e)),
+            Self::Pool(p) => p.finish().map(|(s, r)| (s, Some(r))),
+        }
+    }
 }
 
 /// Some sequences of a pack, with their rows of `mean` and (re-based) token states.
@@ -410,7 +473,7 @@ fn finish(
     s: &EmbedSettings,
     info: &EngineInfo,
     done: WriterDone,
-    stats: EngineThreadStats,
+    (stats, devices): (EngineThreadStats, Option<Vec<DeviceReport>>),
     data: RunReport,
     t0: Instant,
     resumed: bool,
@@ -461,6 +524,7 @@ fn finish(
         output_bytes: summary.bytes,
         shards: summary.shards,
         resumed,
+        devices,
         data,
     };
     let shard_note = match &report.data.input_shard {

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod build_cmd;
+mod devices;
 mod embed;
 mod gate_cmd;
 mod merge_cmd;

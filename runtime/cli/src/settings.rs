@@ -165,6 +165,21 @@ pub struct EmbedArgs {
     /// Skip the sha256 check of model.onnx against model.json (large models, trusted files).
     #[arg(long)]
     pub skip_hash: bool,
+    /// Several devices under one command: `0,1,2,3` (GPU indices), `all` (every visible GPU), or
+    /// `cpu:N` (N worker processes on the CPU provider, with --ep cpu). One worker process per
+    /// device, packs handed out as devices free up, one output in input order (the same file as
+    /// one device writes), one report with a section per device. A worker that dies is started
+    /// again once; then the others take its share.
+    #[arg(
+        long,
+        value_name = "LIST",
+        env = "VIRNUC_DEVICES",
+        conflicts_with = "device"
+    )]
+    pub devices: Option<String>,
+    /// Internal: this process is worker K of a --devices run (`K,DEVICE,LIFE`).
+    #[arg(long, hide = true, value_name = "K,DEVICE,LIFE")]
+    pub worker_slot: Option<crate::devices::WorkerSlot>,
     /// No progress bar (it is also hidden when standard error is not a terminal).
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -302,6 +317,10 @@ pub struct EmbedSettings {
     pub input_shard: Option<InputShard>,
     pub skip_hash: bool,
     pub quiet: bool,
+    /// `--devices`: one worker process per device.
+    pub devices: Option<crate::devices::DeviceList>,
+    /// Set in a worker process of a `--devices` run.
+    pub worker: Option<crate::devices::WorkerSlot>,
 }
 
 impl EmbedSettings {
@@ -382,7 +401,33 @@ impl EmbedSettings {
             input_shard: args.input_shard.or(c.input_shard),
             skip_hash: args.skip_hash || c.skip_hash.unwrap_or(false),
             quiet: args.quiet,
+            devices: None,
+            worker: args.worker_slot,
         };
+        let mut settings = settings;
+        if let Some(text) = &args.devices
+            && settings.worker.is_none()
+        {
+            let list = match crate::devices::DeviceList::parse(text) {
+                Ok(l) => l,
+                Err(e) => return usage(e),
+            };
+            match (&list, settings.ep) {
+                (crate::devices::DeviceList::Cpu(_), Ep::Cpu) => {}
+                (crate::devices::DeviceList::Cpu(_), _) => {
+                    return usage("--devices cpu:N runs CPU workers: give --ep cpu too");
+                }
+                (crate::devices::DeviceList::Gpus(_), Ep::Cpu) => {
+                    return usage("--devices with --ep cpu: use cpu:N (N CPU worker processes)");
+                }
+                _ => {}
+            }
+            settings.devices = Some(list);
+        }
+        if let Some(w) = settings.worker {
+            settings.device = w.device;
+            settings.device_set = Some(w.device);
+        }
         if settings.toks_per_batch < 3 || settings.prefetch == 0 || settings.shard_sequences == 0 {
             return usage("--toks-per-batch must be ≥ 3, --prefetch and --shard-sequences ≥ 1");
         }
