@@ -1,12 +1,12 @@
 //! `virnuc-trt build`: an export → an engine folder for this GPU (or CPU) and ONNX Runtime (see
-//! `docs/engines.md`). The work is `virnuc_engine::engine_build::build_engine`; this is its command line.
+//! `docs/engines.md`). The work is `virnuc_build::engine_build::build_engine`; this is its command line.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use virnuc_build::engine_build::{BuildOptions, CudaGraphMode, OptLevel, build_engine};
 use virnuc_engine::Ep;
-use virnuc_engine::engine_build::{BuildOptions, CudaGraphMode, OptLevel, build_engine};
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
+use virnuc_build::engine_build::check_engine_dir;
 use virnuc_data::RunReport;
-use virnuc_engine::engine_build::check_engine_dir;
 use virnuc_engine::{EngineInfo, EngineOptions, EngineThread, EngineThreadStats, Ep};
 use virnuc_output::{EmbeddingWriter, FinishSummary, OutputConfig, OutputError};
 

@@ -48,7 +48,7 @@ pub fn kernel_dir_for(explicit: Option<&Path>) -> PathBuf {
 /// Adds the CUDA VarlenAttention kernels to the session's `com.virnuc` domain (which already holds
 /// the CPU op, so nodes ONNX Runtime places on the CPU still run).
 #[cfg(feature = "cuda")]
-pub(crate) fn add_cuda_op(
+pub fn add_cuda_op(
     domain: ort::operator::OperatorDomain,
     explicit: Option<&Path>,
     ep: &'static str,

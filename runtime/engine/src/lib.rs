@@ -1,5 +1,7 @@
 //! Inference engines for packed ESM-2 graphs: ONNX Runtime through the `ort` crate, with the CPU,
-//! CUDA and TensorRT execution providers, and the `com.virnuc:VarlenAttention` CPU custom op.
+//! CUDA and TensorRT execution providers, and the `com.virnuc:VarlenAttention` CPU custom op (and
+//! the CUDA one's registration). This crate runs packed graphs; building engine folders (offline
+//! optimization, autotune, manifest) is the `virnuc-build` crate above it.
 //!
 //! The shape follows Hugging Face text-embeddings-inference: a small [`Engine`] trait taking the
 //! shared [`PackedBatch`], engines behind Cargo features (`cuda`, `tensorrt`; a build without one
@@ -24,24 +26,19 @@ use std::time::Duration;
 
 use virnuc_core::{ModelMetadata, PackedBatch};
 
-pub mod autotune;
-mod cuda_graph;
 pub mod custom_op;
-pub mod engine_build;
 pub mod kernel_dir;
-pub mod manifest;
 mod model;
 mod ort_engine;
 pub mod runtime;
 mod tensorrt;
 mod thread;
-pub mod trt_config;
 pub mod varlen;
 
 #[cfg(feature = "cuda")]
 mod cuda;
 
-pub use model::{ModelFiles, check_graph_against_metadata};
+pub use model::{ModelFiles, check_graph_against_metadata, check_session, sha256_file};
 pub use runtime::{OrtLibrary, resolve_library};
 pub use thread::{EngineThread, EngineThreadStats, Job, JobResult};
 
@@ -77,7 +74,9 @@ pub enum EngineError {
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
-pub(crate) trait OrtContext<T> {
+/// Attaches context to an ONNX Runtime error: the `EngineError::Ort` of a failed step (also used by
+/// the engine build, `virnuc-build`).
+pub trait OrtContext<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
 }
 

@@ -260,7 +260,8 @@ pub fn check_graph_against_metadata(
     Ok(())
 }
 
-pub(crate) fn check_session(meta: &ModelMetadata, session: &Session, where_: &str) -> Result<()> {
+/// Checks an opened session's inputs and outputs against the model metadata (`where_` names the step).
+pub fn check_session(meta: &ModelMetadata, session: &Session, where_: &str) -> Result<()> {
     check_graph_against_metadata(
         meta,
         &graph_tensors(session.inputs()),

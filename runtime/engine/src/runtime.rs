@@ -109,8 +109,9 @@ fn same_file(a: &Path, b: &Path) -> bool {
     a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
-/// The environment made by [`init`]; panics never: callers go through `init` first.
-pub(crate) fn environment() -> Result<&'static Environment> {
+/// The environment made by [`init`] (an error before `init`), for the sessions this crate and the
+/// engine build create.
+pub fn environment() -> Result<&'static Environment> {
     match LOADED.get() {
         Some(Ok(l)) => Ok(&l.env),
         _ => Err(EngineError::Library(

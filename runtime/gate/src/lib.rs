@@ -19,10 +19,10 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use virnuc_build::engine_build::check_engine_dir;
+use virnuc_build::manifest::MANIFEST_FILE;
 use virnuc_core::{PackedBatch, SequenceMeta};
 use virnuc_data::{Mode, PipelineConfig};
-use virnuc_engine::engine_build::check_engine_dir;
-use virnuc_engine::manifest::MANIFEST_FILE;
 use virnuc_engine::{EngineOptions, Ep, ModelFiles, open_engine};
 
 /// Errors of the gate (a failed comparison is not an error: it is a report with `pass: false`).

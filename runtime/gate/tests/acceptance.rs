@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use virnuc_build::autotune::SplitMix;
+use virnuc_build::engine_build::{BuildOptions, CudaGraphMode, build_engine, check_engine_dir};
+use virnuc_build::manifest::Manifest;
 use virnuc_data::Mode;
 use virnuc_engine::Ep;
-use virnuc_engine::autotune::SplitMix;
-use virnuc_engine::engine_build::{BuildOptions, CudaGraphMode, build_engine, check_engine_dir};
-use virnuc_engine::manifest::Manifest;
 use virnuc_gate::{GateOptions, GateReport, run_gate};
 
 fn root() -> PathBuf {

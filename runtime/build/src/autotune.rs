@@ -12,7 +12,7 @@ use std::time::Instant;
 use virnuc_core::{PackedBatch, SequenceMeta, alphabet};
 
 use crate::manifest::AutotuneRow;
-use crate::{Engine, Result};
+use virnuc_engine::{Engine, Result};
 
 /// Budgets within this fraction of the fastest count as equally fast.
 pub const NEAR_BEST: f64 = 0.03;

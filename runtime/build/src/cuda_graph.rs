@@ -10,9 +10,9 @@
 //!
 //! Not exercised in CI (no GPU); `tools/gpu/build_gate.sh` on a GPU machine measures it.
 
-use crate::Result;
-use crate::engine_build::BuildOptions;
 use crate::manifest::AutotuneRow;
+use crate::options::BuildOptions;
+use virnuc_engine::Result;
 
 #[cfg(feature = "cuda")]
 mod enabled {
@@ -26,10 +26,12 @@ mod enabled {
     use virnuc_core::PackedBatch;
 
     use crate::autotune::{self, pad_to_shape};
-    use crate::engine_build::{BuildOptions, cuda_provider};
     use crate::manifest::AutotuneRow;
-    use crate::model::{ModelFiles, check_session};
-    use crate::{Embeddings, EngineError, EngineInfo, OrtContext, Result, custom_op, runtime};
+    use crate::options::{BuildOptions, cuda_provider};
+    use virnuc_engine::{
+        Embeddings, EngineError, EngineInfo, ModelFiles, OrtContext, Result, check_session,
+        custom_op, runtime,
+    };
 
     /// Filler sequences stay within the rotary tables of every export (1026 positions).
     const FILLER_MAX_LEN: usize = 1024;
@@ -131,7 +133,7 @@ mod enabled {
         }
     }
 
-    impl crate::Engine for GraphEngine {
+    impl virnuc_engine::Engine for GraphEngine {
         fn embed(&mut self, batch: &PackedBatch) -> Result<Embeddings> {
             let padded =
                 pad_to_shape(batch, self.tokens, self.seqs, FILLER_MAX_LEN).ok_or_else(|| {
@@ -220,7 +222,7 @@ mod enabled {
             .and_then(|mut engine| {
                 let packs = autotune::synthetic_packs(budget, 8, budget as u64, Some(seqs), true);
                 // ONNX Runtime runs once normally, captures on the next run, then replays.
-                crate::Engine::embed(&mut engine, &packs[0])?;
+                virnuc_engine::Engine::embed(&mut engine, &packs[0])?;
                 autotune::measure(&mut engine, &packs, options.autotune_seconds, 3)
             });
             let r = match result {

@@ -8,7 +8,8 @@
 //! DIR/trt/                             TensorRT engine and timing caches (TensorRT EP only)
 //! ```
 //!
-//! An engine folder is also a model folder: [`crate::open_engine`] opens it as it opens an export.
+//! An engine folder is also a model folder: [`virnuc_engine::open_engine`] opens it as it opens an
+//! export.
 //! The manifest is written last, so a failed build never leaves a folder that passes for an engine.
 //!
 //! Precision: when the asked precision differs from the export's, the graph is exported again from the
@@ -22,7 +23,6 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
 use virnuc_core::ModelMetadata;
 
 use crate::autotune;
@@ -30,138 +30,13 @@ use crate::manifest::{
     AutotuneRow, CudaGraphSetting, DeviceKind, HostFacts, MANIFEST_FILE, MANIFEST_FORMAT, Manifest,
     SourceModel, TensorRtSetting,
 };
-use crate::model::{ModelFiles, sha256_file};
+use crate::options::cuda_provider;
+pub use crate::options::{BuildOptions, CudaGraphMode, OptLevel};
 use crate::trt_config::{self, TrtPlan};
-use crate::{EngineError, EngineOptions, Ep, OrtContext, Result, custom_op, open_engine, runtime};
-
-/// ONNX Runtime graph optimization applied offline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OptLevel {
-    /// Copy the graph as exported (sessions still optimize at load).
-    None,
-    Basic,
-    /// Basic + transformer fusions (SkipLayerNormalization, BiasGelu, attention); EP-specific but
-    /// hardware-independent: the default.
-    Extended,
-    /// Extended + layout optimizations, tied to the CPU's instruction set.
-    All,
-}
-
-impl OptLevel {
-    pub fn name(self) -> &'static str {
-        match self {
-            OptLevel::None => "none",
-            OptLevel::Basic => "basic",
-            OptLevel::Extended => "extended",
-            OptLevel::All => "all",
-        }
-    }
-    fn ort(self) -> GraphOptimizationLevel {
-        match self {
-            OptLevel::None => GraphOptimizationLevel::Disable,
-            OptLevel::Basic => GraphOptimizationLevel::Level1,
-            OptLevel::Extended => GraphOptimizationLevel::Level2,
-            OptLevel::All => GraphOptimizationLevel::All,
-        }
-    }
-}
-
-impl std::str::FromStr for OptLevel {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "none" => Ok(Self::None),
-            "basic" => Ok(Self::Basic),
-            "extended" => Ok(Self::Extended),
-            "all" => Ok(Self::All),
-            o => Err(format!(
-                "unknown optimization level `{o}` (none, basic, extended, all)"
-            )),
-        }
-    }
-}
-
-/// CUDA graph capture (CUDA EP only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CudaGraphMode {
-    Off,
-    /// Measure with and without; keep it when it is faster by more than the noise.
-    Measure,
-    /// Keep it (still measured).
-    On,
-}
-
-impl std::str::FromStr for CudaGraphMode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "off" => Ok(Self::Off),
-            "measure" | "auto" => Ok(Self::Measure),
-            "on" => Ok(Self::On),
-            o => Err(format!("unknown --cuda-graph `{o}` (off, measure, on)")),
-        }
-    }
-}
-
-/// Everything `build` needs.
-#[derive(Debug, Clone)]
-pub struct BuildOptions {
-    /// A model folder or `.onnx` file (with its `model.json`).
-    pub model: PathBuf,
-    /// `fp16`/`fp32`; `None` keeps the export's.
-    pub precision: Option<String>,
-    pub ep: Ep,
-    pub device_id: i32,
-    pub out: PathBuf,
-    pub ort_lib: Option<PathBuf>,
-    pub opt_level: OptLevel,
-    /// Candidate token budgets; empty = [`autotune::default_budgets`].
-    pub budgets: Vec<usize>,
-    /// Skip the autotune and record this budget.
-    pub fixed_budget: Option<usize>,
-    /// Seconds of timing per candidate.
-    pub autotune_seconds: f64,
-    pub cuda_graph: CudaGraphMode,
-    /// Python interpreter for a re-export (default: `VIRNUC_PYTHON`, else `python3`).
-    pub python: Option<PathBuf>,
-    /// Folder holding the `virnuc_export` package (default: `$VIRNUC_ROOT/export`, else found upward).
-    pub exporter_dir: Option<PathBuf>,
-    /// TensorRT: `libvirnuc_varlen_trt.so` for `virnuc` attention.
-    pub trt_plugin: Option<PathBuf>,
-    /// TensorRT: dump an EP-context model.
-    pub trt_ep_context: bool,
-    pub intra_threads: usize,
-    /// Replace an existing engine folder.
-    pub overwrite: bool,
-    /// Folder of `varlen_attention.fatbin` for `virnuc` attention on cuda/tensorrt (`None`: see
-    /// [`crate::kernel_dir::resolve_kernel_dir`]).
-    pub kernel_dir: Option<PathBuf>,
-}
-
-impl BuildOptions {
-    pub fn new(model: impl Into<PathBuf>, ep: Ep, out: impl Into<PathBuf>) -> Self {
-        Self {
-            model: model.into(),
-            precision: None,
-            ep,
-            device_id: 0,
-            out: out.into(),
-            ort_lib: None,
-            opt_level: OptLevel::Extended,
-            budgets: Vec::new(),
-            fixed_budget: None,
-            autotune_seconds: 3.0,
-            cuda_graph: CudaGraphMode::Measure,
-            python: None,
-            exporter_dir: None,
-            trt_plugin: None,
-            trt_ep_context: true,
-            intra_threads: 0,
-            overwrite: false,
-            kernel_dir: None,
-        }
-    }
-}
+use virnuc_engine::{
+    EngineError, EngineOptions, Ep, ModelFiles, OrtContext, Result, custom_op, open_engine,
+    runtime, sha256_file,
+};
 
 /// The exporter invocation that re-exports `meta`'s source at `precision` into `out`
 /// (arguments after `python -m virnuc_export`). Pure, so it is tested without Python.
@@ -368,7 +243,7 @@ fn optimize_offline(
     // rather than on the CPU with copies around it baked into the saved graph.
     #[cfg(feature = "cuda")]
     let domain = if ep == Ep::Cuda && virnuc {
-        crate::kernel_dir::add_cuda_op(domain, options.kernel_dir.as_deref(), "cuda")?
+        virnuc_engine::kernel_dir::add_cuda_op(domain, options.kernel_dir.as_deref(), "cuda")?
     } else {
         domain
     };
@@ -384,31 +259,6 @@ fn optimize_offline(
         )));
     }
     Ok(())
-}
-
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_provider(
-    device_id: i32,
-    cuda_graph: bool,
-) -> Result<Vec<ort::ep::ExecutionProviderDispatch>> {
-    Ok(vec![
-        ort::ep::CUDA::default()
-            .with_device_id(device_id)
-            .with_cuda_graph(cuda_graph)
-            .build()
-            .error_on_failure(),
-    ])
-}
-
-#[cfg(not(feature = "cuda"))]
-pub(crate) fn cuda_provider(
-    _device_id: i32,
-    _cuda_graph: bool,
-) -> Result<Vec<ort::ep::ExecutionProviderDispatch>> {
-    Err(EngineError::NotEnabled(
-        "the CUDA execution provider",
-        "cuda",
-    ))
 }
 
 fn copy_graph(src: &ModelFiles, out: &Path) -> Result<()> {

@@ -2,7 +2,7 @@
 //! are each refused with a message naming both sides; the parsers of `nvidia-smi` and `/proc/cpuinfo`
 //! read real outputs.
 
-use virnuc_engine::manifest::{
+use virnuc_build::manifest::{
     DeviceFacts, DeviceKind, HostFacts, Manifest, check_manifest, parse_cpu_model,
     parse_cuda_version, parse_nvidia_smi_csv,
 };

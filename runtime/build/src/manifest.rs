@@ -10,10 +10,10 @@
 //! linked.
 //!
 //! ```
-//! use virnuc_engine::manifest::{DeviceFacts, HostFacts, check_manifest, parse_nvidia_smi_csv};
+//! use virnuc_build::manifest::{DeviceFacts, HostFacts, check_manifest, parse_nvidia_smi_csv};
 //! let gpu = parse_nvidia_smi_csv("NVIDIA H200, 9.0, 580.159\n").unwrap();
 //! let host = HostFacts { device: gpu.clone(), ort_version: "1.31.1".into() };
-//! let mut manifest = virnuc_engine::manifest::Manifest::example(gpu, "1.31.1");
+//! let mut manifest = virnuc_build::manifest::Manifest::example(gpu, "1.31.1");
 //! assert!(check_manifest(&manifest, &host).is_ok());
 //! manifest.device.name = "NVIDIA A100-SXM4-80GB".into();
 //! let refusal = check_manifest(&manifest, &host).unwrap_err();
@@ -26,7 +26,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{EngineError, Result};
+use virnuc_engine::{EngineError, Result};
 
 /// The manifest format this runtime writes and reads.
 pub const MANIFEST_FORMAT: &str = "virnuc-trt-engine/1";
