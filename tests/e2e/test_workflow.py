@@ -42,11 +42,11 @@ def test_workflow_shards_and_merge_equal_one_embed(
 ) -> None:
     snakemake = snakemake_command()
     model = models["virnuc"].path
-    inputs = [FIXTURES / "virnucpro_synthetic.fa", FIXTURES / "globins45.fa"]
+    inputs = [FIXTURES / "virnucpro_synthetic.fa"]
     flags = ["--ep", "cpu", "--mode", "nucleotide", "--chunk", "300", "--threads", "1"]
     config = tmp_path / "config.yaml"
     config.write_text(
-        f"inputs: {[str(p) for p in inputs[:1]]}\nmodel: {model}\nshards: 3\nout: out/all.h5\n"
+        f"inputs: {[str(p) for p in inputs]}\nmodel: {model}\nshards: 3\nout: out/all.h5\n"
         f"parts_dir: out/parts\nbinary: {binary}\nembed_args: {flags}\nthreads: 1\ngpus: 0\n"
     )
     r = run(
@@ -70,7 +70,7 @@ def test_workflow_shards_and_merge_equal_one_embed(
     for i in range(3):
         assert (tmp_path / "out" / "parts" / f"part{i}.json").is_file()
     single = tmp_path / "single.h5"
-    r = run([binary, "embed", inputs[0], "--model", model, "--out", single, "-q", *flags])
+    r = run([binary, "embed", *inputs, "--model", model, "--out", single, "-q", *flags])
     assert r.returncode == 0, r.stderr
     got, want = rows(merged), rows(single)
     assert list(got["ids"]) == list(want["ids"])
