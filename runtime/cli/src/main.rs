@@ -18,6 +18,7 @@ mod devices;
 mod embed;
 mod gate_cmd;
 mod merge_cmd;
+mod predict;
 mod settings;
 mod translate;
 
@@ -40,6 +41,13 @@ enum Command {
     /// config (--config run.yaml) using the long flag names with `_` (e.g. `toks_per_batch: 16384`,
     /// `inputs: [a.fa, b.fa]`); flags win over the file.
     Embed(Box<settings::EmbedArgs>),
+    /// VirNucPro's viral predictions end to end: DNA in; each stop-free frame through DNABERT-S and
+    /// ESM-2 and VirNucPro's classifier; VirNucPro's prediction_results.txt and
+    /// prediction_results_highestscore.csv out, plus a verdict per input record.
+    ///
+    /// VirNucPro's chunking and translation by default (its classifier was trained on them). Any
+    /// setting can also come from a YAML run config (--config run.yaml, long flag names with `_`).
+    Predict(Box<predict::PredictArgs>),
     /// Write the proteins `embed` would send to the model (same names and order) as FASTA.
     Translate(translate::TranslateArgs),
     /// Build an engine folder for this GPU (or CPU): optimized graph, tuned token budget, manifest.
@@ -63,6 +71,7 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Command::Embed(args) => embed::run(args),
+        Command::Predict(args) => predict::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Build(args) => build_cmd::run(args),
         Command::Gate(args) => gate_cmd::run(args),
