@@ -18,6 +18,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
 
+use hdf5::file::MetadataCacheConfig;
 use hdf5::types::VarLenUnicode;
 use hdf5::{Dataset, IndexType, IterationOrder};
 
@@ -81,8 +82,17 @@ fn dataset(path: &Path, file: &hdf5::File, name: &str) -> Result<Dataset, Output
 
 impl Part {
     fn open(path: &Path) -> Result<Self, OutputError> {
+        // HDF5's metadata cache grows to 32 MiB per open file by default, mostly with the global
+        // heap of the variable-length ids read: 1 MiB per part keeps the merge's memory bounded by
+        // the number of parts (rows are read once, in order, so a larger cache buys nothing).
+        let metadata_cache = MetadataCacheConfig {
+            initial_size: 1 << 20,
+            min_size: 1 << 20,
+            max_size: 1 << 20,
+            ..MetadataCacheConfig::default()
+        };
         let file = hdf5::File::with_options()
-            .with_fapl(|p| p.file_locking(false))
+            .with_fapl(|p| p.file_locking(false).mdc_config(&metadata_cache))
             .open(path)
             .map_err(|source| OutputError::NotAnOutput {
                 path: path.to_path_buf(),
