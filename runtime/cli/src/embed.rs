@@ -154,6 +154,23 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         eprintln!("virnuc-trt: {note}");
     }
     crate::settings::warn_all(&s.ineffective(info.ep));
+    let encoder = model_encoder(&info)?;
+    let family = encoder.family();
+    if s.mode == virnuc_data::Mode::Protein && !family.traits().reads_proteins {
+        return usage(format!(
+            "--mode protein: {} is a {family} model, which embeds DNA (each kept frame's DNA span \
+             in nucleotide mode); give DNA inputs with --mode nucleotide, or an ESM-2 model",
+            s.model.display()
+        ));
+    }
+    if s.long == virnuc_data::LongPolicy::Split
+        && family.traits().frame_input == virnuc_core::FrameInput::DnaSpan
+    {
+        return usage(format!(
+            "--long split cuts proteins into windows; a {family} model takes each frame's DNA whole \
+             (use --long truncate or skip)"
+        ));
+    }
     if info.metadata.random_weights {
         eprintln!(
             "virnuc-trt: note: {} has RANDOM weights (a test/demo export): the embeddings mean nothing",
@@ -196,7 +213,9 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     // (matrix products over a different pack round differently in the last bit). A pack that is
     // partly done is recomputed and only its missing sequences are written.
     let done = writer.done();
-    let mut pipeline = virnuc_data::start(s.pipeline()).context("cannot start reading")?;
+    let mut pipeline_config = s.pipeline();
+    pipeline_config.encoders = vec![encoder];
+    let mut pipeline = virnuc_data::start(pipeline_config).context("cannot start reading")?;
 
     let input = pipeline.input_progress();
     let progress = progress_bar(s.quiet, input.total_bytes());
@@ -328,6 +347,17 @@ impl Runner {
     }
 }
 
+/// The tokenizer of the engine's model family: the ESM-2 alphabet, or the export's `tokenizer.json`
+/// (its sha256 was checked against `model.json` when the engine opened).
+pub fn model_encoder(info: &EngineInfo) -> Result<std::sync::Arc<virnuc_data::Encoder>> {
+    let files = virnuc_engine::ModelFiles::locate(&info.model_path)
+        .with_context(|| format!("model {}", info.model_path.display()))?;
+    let tokenizer = files.tokenizer_file(&info.metadata);
+    let encoder = virnuc_data::Encoder::for_model(&info.metadata, tokenizer.as_deref())
+        .with_context(|| format!("the tokenizer of {}", info.model_path.display()))?;
+    Ok(std::sync::Arc::new(encoder))
+}
+
 /// Some sequences of a pack, with their rows of `mean` and (re-based) token states.
 #[derive(Debug, PartialEq)]
 struct Selection {
@@ -411,6 +441,7 @@ fn attributes(s: &EmbedSettings, info: &EngineInfo) -> Result<Vec<(String, Strin
             env!("CARGO_PKG_VERSION").into(),
         ),
         ("model_name".into(), meta.model.name.clone()),
+        ("model_family".into(), meta.family.as_str().into()),
         ("model_attention".into(), meta.attention.clone()),
         ("model_precision".into(), meta.precision.clone()),
         ("model_onnx_sha256".into(), meta.onnx_sha256.clone()),

@@ -46,7 +46,11 @@ pub struct DataArgs {
     /// Sequences longer than --max-residues: `truncate`, `split` into windows, or `skip`. [default: truncate]
     #[arg(long, value_name = "POLICY")]
     pub long: Option<LongPolicy>,
-    /// Reproduce VirNucPro exactly: drop ambiguous codons (shifting the frame) instead of `X`.
+    /// Reproduce VirNucPro exactly: drop ambiguous codons (shifting the frame) instead of `X`; a DNA
+    /// model (DNABERT-S) then gets VirNucPro's DNA span of each kept frame, `s[f : f + 1 + 3·aa_len]`
+    /// of the upper-cased chunk or of its reverse complement (one base past the codons, and shorter
+    /// than them where codons were dropped). Default: the frame's coded bases exactly,
+    /// `s[f : f + 3·codons]`, upper-cased.
     #[arg(long)]
     pub virnucpro_compat: bool,
     /// Run even when the first letters of a file do not fit --mode (protein records in nucleotide

@@ -1,4 +1,5 @@
-//! `virnuc-trt translate`: the proteins `embed` would send to the model, as FASTA.
+//! `virnuc-trt translate`: the proteins `embed` would send to an ESM-2 model, or with `--dna` the DNA
+//! spans it would send to a DNA model (DNABERT-S), as FASTA.
 //!
 //! Same chunking, translation, frame filter, long-sequence policy, names and order as `embed`
 //! (both go through virnuc-data), so tests can feed exactly these sequences to a reference model.
@@ -23,6 +24,10 @@ pub struct TranslateArgs {
     /// Output FASTA (default: standard output). Written to a temp file and renamed.
     #[arg(long, short = 'o', value_name = "FILE.fa")]
     pub out: Option<PathBuf>,
+    /// Write each kept frame's DNA span (what a DNABERT-S model embeds: VirNucPro's span with
+    /// --virnucpro-compat, else the coded bases) instead of its protein; nucleotide mode only.
+    #[arg(long)]
+    pub dna: bool,
 }
 
 pub fn run(args: &TranslateArgs) -> Result<()> {
@@ -39,6 +44,12 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     if config.chunk_len < 3 {
         return usage("--chunk must be at least 3 bp");
     }
+    if args.dna && config.mode != virnuc_data::Mode::Nucleotide {
+        return usage("--dna writes the DNA spans of kept frames: nucleotide mode only");
+    }
+    if args.dna && config.long == virnuc_data::LongPolicy::Split {
+        return usage("--dna takes each frame's DNA whole: --long split does not apply");
+    }
     crate::settings::warn_all(&crate::settings::data_flags_ineffective(
         config.mode,
         args.data.chunk.is_some(),
@@ -50,7 +61,8 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
         let mut n = 0;
         for p in proteins.by_ref() {
             let p = p.map_err(|e| anyhow!(e))?;
-            writeln!(w, ">{}\n{}", p.id, p.residues)?;
+            let seq = if args.dna { &p.dna } else { &p.residues };
+            writeln!(w, ">{}\n{seq}", p.id)?;
             n += 1;
         }
         w.flush()?;
