@@ -127,7 +127,7 @@ def test_wrong_inputs_fail_clearly_and_write_nothing(
     out = tmp_path / "out.h5"
 
     r = embed(binary, [GLOBINS], tmp_path / "no-such-model", out, "--mode", "protein")
-    assert r.returncode == 1 and "does not exist" in r.stderr, r.stderr
+    assert r.returncode == 5 and "does not exist" in r.stderr, r.stderr
     assert_nothing_written(out)
 
     # Graph of one export, metadata of another.
@@ -136,7 +136,7 @@ def test_wrong_inputs_fail_clearly_and_write_nothing(
     (mixed / "model.onnx").write_bytes((models["masked"].path / "model.onnx").read_bytes())
     (mixed / "model.json").write_bytes((model / "model.json").read_bytes())
     r = embed(binary, [GLOBINS], mixed, out, "--mode", "protein")
-    assert r.returncode == 1 and "sha256" in r.stderr, r.stderr
+    assert r.returncode == 5 and "sha256" in r.stderr, r.stderr
     assert_nothing_written(out)
 
     # Metadata whose hidden size disagrees with the graph (hash check off to reach the graph check).
@@ -146,32 +146,32 @@ def test_wrong_inputs_fail_clearly_and_write_nothing(
     (mixed / "model.onnx").write_bytes((model / "model.onnx").read_bytes())
     (mixed / "model.json").write_text(json.dumps(meta))
     r = embed(binary, [GLOBINS], mixed, out, "--mode", "protein", "--skip-hash")
-    assert r.returncode == 1 and "mismatch" in r.stderr and "480" in r.stderr, r.stderr
+    assert r.returncode == 5 and "mismatch" in r.stderr and "480" in r.stderr, r.stderr
     assert_nothing_written(out)
 
     # Unwritable output: its folder does not exist / is a file.
     bad = tmp_path / "a-file"
     bad.write_text("x")
     r = embed(binary, [GLOBINS], model, bad / "out.h5", "--mode", "protein")
-    assert r.returncode == 1 and "cannot write output" in r.stderr, r.stderr
+    assert r.returncode == 4 and "cannot write output" in r.stderr, r.stderr
     assert_nothing_written(bad / "out.h5")
 
     # Output exists, no --resume: refused, file untouched.
     out.write_bytes(b"precious")
     r = embed(binary, [GLOBINS], model, out, "--mode", "protein")
-    assert r.returncode == 1 and "already exists" in r.stderr, r.stderr
+    assert r.returncode == 4 and "already exists" in r.stderr, r.stderr
     assert out.read_bytes() == b"precious"
     out.unlink()
 
     # A GPU asked for on this machine: the reason, not a CPU run.
     r = run([binary, "embed", GLOBINS, "--mode", "protein", "--model", model, "--out", out, "--ep", "cuda"])
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 5, r.stderr
     assert "execution provider cuda" in r.stderr, r.stderr
     assert_nothing_written(out)
 
     # Missing input file: named in the error.
     r = embed(binary, [tmp_path / "nope.fa"], model, out, "--mode", "protein")
-    assert r.returncode == 1 and "nope.fa" in r.stderr, r.stderr
+    assert r.returncode == 3 and "nope.fa" in r.stderr, r.stderr
     assert not out.exists()
 
 
@@ -279,11 +279,39 @@ def test_resume_after_kill_gives_the_uninterrupted_file(
         kills += 1
         assert not out.exists(), "a killed run left a final file"
     assert kills >= 2, f"only {kills} kills landed mid-run (whole run {duration:.1f} s)"
+    # A resume over a changed input is refused (exit 3) and changes nothing: the genome with one
+    # base changed in every chunk (whichever sequences are done, one differs), and the genome
+    # behind another record.
+    seq = LAMBDA.read_text().split("\n", 1)
+    edited = tmp_path / "edited.fa"
+    body = list(seq[1].replace("\n", ""))
+    for k in range(10, len(body), 300):
+        body[k] = {"A": "C", "C": "G", "G": "T", "T": "A"}.get(body[k], "A")
+    edited.write_text(f"{seq[0]}\n{''.join(body)}\n")
+    body = "".join(body)
+    prefixed = tmp_path / "prefixed.fa"
+    prefixed.write_text(">extra\n" + body[:900] + "\n" + LAMBDA.read_text())
+    journal = Path(f"{out}.partial/journal").read_bytes()
+    for changed in (edited, prefixed):
+        r = run(
+            [binary, "embed", changed, "--model", model, "--out", out, "--ep", "cpu", "-q", *args, "--resume"]
+        )
+        assert r.returncode == 3 and "the input is not the one" in r.stderr, r.stderr
+        assert json.loads(r.stdout)["complete"] is False
+        assert not out.exists() and Path(f"{out}.partial/journal").read_bytes() == journal
     r = run([*base, "--resume"])
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    # The last run continued earlier work rather than starting over.
+    # The last run continued earlier work rather than starting over, and its report adds up.
     assert report["resumed"] and 0 < report["sequences_this_run"] < report["sequences"], report
+    again_out = tmp_path / "again.h5"
+    again = run([binary, "embed", LAMBDA, "--model", model, "--out", again_out, "--ep", "cpu", "-q", *args])
+    for rep in (report, json.loads(again.stdout)):
+        data = rep["data"]
+        assert data["complete"] and data["stages"]["sequences"] == data["packing"]["sequences"], rep
+        assert rep["sequences_this_run"] + rep["sequences_skipped_resume"] == rep["sequences"], rep
+        assert rep["sequences_skipped_resume"] == data["skipped_resume"], rep
+        assert rep["packs"] + data["packs_skipped_resume"] == data["packing"]["packs"], rep
     got = read_h5(out)
     assert list(got["ids"]) == list(want["ids"])
     assert np.array_equal(got["lengths"], want["lengths"])

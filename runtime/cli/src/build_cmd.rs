@@ -8,6 +8,8 @@ use clap::Args;
 use virnuc_build::engine_build::{BuildOptions, CudaGraphMode, OptLevel, build_engine};
 use virnuc_engine::Ep;
 
+use crate::settings::{MAX_DEVICE, Machine, check_range, max_toks_per_batch, usage};
+
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// The export to build from: a folder with model.onnx + model.json, or a .onnx file.
@@ -71,7 +73,50 @@ pub struct BuildArgs {
     pub kernel_dir: Option<PathBuf>,
 }
 
+/// Longest autotune per candidate budget, in seconds.
+const MAX_AUTOTUNE_SECONDS: f64 = 600.0;
+
+/// The numeric flags against their ranges, before any work.
+fn check_ranges(args: &BuildArgs) -> anyhow::Result<()> {
+    let m = Machine::this();
+    check_range("--device", args.device, 0, MAX_DEVICE, "GPU index")?;
+    let max = max_toks_per_batch(&m);
+    let why = "tokens: one residue with <cls> and <eos>, up to what the memory holds";
+    for &b in args.budgets.iter().chain(&args.budget) {
+        check_range(
+            if args.budget.is_some() {
+                "--budget"
+            } else {
+                "--budgets"
+            },
+            b,
+            3,
+            max,
+            why,
+        )?;
+    }
+    if !args.autotune_seconds.is_finite() {
+        return usage(format!(
+            "--autotune-seconds {} is not a number of seconds",
+            args.autotune_seconds
+        ));
+    }
+    check_range(
+        "--autotune-seconds",
+        args.autotune_seconds,
+        0.01,
+        MAX_AUTOTUNE_SECONDS,
+        "seconds of timing per candidate budget",
+    )?;
+    let per_core = format!(
+        "0 = ONNX Runtime's choice; at most 4 per core of the {} here",
+        m.cores
+    );
+    check_range("--threads", args.threads, 0, m.max_threads(), &per_core)
+}
+
 pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
+    check_ranges(args)?;
     let ep: Ep = args.ep.parse().map_err(anyhow::Error::msg)?;
     let mut o = BuildOptions::new(&args.model, ep, &args.out);
     o.precision = args.precision.clone();
@@ -89,14 +134,28 @@ pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
     o.intra_threads = args.threads;
     o.overwrite = args.overwrite;
     o.kernel_dir = args.kernel_dir.clone();
-    let outcome = build_engine(&o, &mut |line| eprintln!("virnuc-trt build: {line}"))
-        .with_context(|| {
-            format!(
-                "building an engine from {} into {}",
-                args.model.display(),
-                args.out.display()
-            )
-        })?;
+    // A folder this build creates is removed again when it fails: no half-built engine folder is
+    // left for a later `embed --engine` or `build` to trip over. A folder that existed is the
+    // user's and stays (the build removes its old engine files first).
+    let created = !args.out.exists();
+    let built = build_engine(&o, &mut |line| eprintln!("virnuc-trt build: {line}"));
+    if built.is_err()
+        && created
+        && args.out.exists()
+        && let Err(e) = std::fs::remove_dir_all(&args.out)
+    {
+        eprintln!(
+            "virnuc-trt build: warning: cannot remove the unfinished engine folder {}: {e}",
+            args.out.display()
+        );
+    }
+    let outcome = built.with_context(|| {
+        format!(
+            "building an engine from {} into {}",
+            args.model.display(),
+            args.out.display()
+        )
+    })?;
     let m = &outcome.manifest;
     println!(
         "{}: {} {} engine for {} ({}), budget {}{}",

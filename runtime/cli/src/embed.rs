@@ -6,9 +6,11 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use virnuc_build::engine_build::check_engine_dir;
@@ -17,6 +19,7 @@ use virnuc_engine::{EngineInfo, EngineOptions, EngineThread, EngineThreadStats, 
 use virnuc_output::{EmbeddingWriter, FinishSummary, OutputConfig, OutputError};
 
 use crate::devices::{DevicePool, DeviceReport};
+use crate::exit;
 use crate::settings::{CPU_TOKS_PER_BATCH, EmbedArgs, EmbedSettings, usage};
 
 /// The JSON run report.
@@ -40,6 +43,10 @@ pub struct EmbedReport {
     pub sequences: u64,
     /// Sequences embedded by this run (the rest were done by an interrupted run).
     pub sequences_this_run: u64,
+    /// Sequences an interrupted run had written (`sequences_this_run` + this = `sequences`).
+    pub sequences_skipped_resume: u64,
+    /// Packs run by the engine in this run: `data.packing.packs − data.packs_skipped_resume`
+    /// (`data.packing` describes every pack of the input, resumed or not).
     pub packs: u64,
     /// Tokens embedded by this run, `<cls>`/`<eos>` included.
     pub tokens: u64,
@@ -77,13 +84,148 @@ struct WriterDone {
     sequences: u64,
 }
 
+/// What a run that failed had done, for its report.
+#[derive(Debug, Default)]
+struct Progress {
+    resumed: bool,
+    /// Sequences this run handed to the writer.
+    sequences_this_run: u64,
+    /// Sequences durable in the working folder (a `--resume` continues from them).
+    sequences_kept: u64,
+    /// The working folder, when it is kept for a `--resume`.
+    work_kept: Option<PathBuf>,
+    data: Option<RunReport>,
+}
+
+/// The JSON report of a run that failed: what went wrong and what was done.
+#[derive(Debug, Serialize)]
+pub struct FailureReport {
+    pub virnuc_trt_version: &'static str,
+    pub output: PathBuf,
+    pub complete: bool,
+    pub error: String,
+    pub exit_status: u8,
+    pub resumed: bool,
+    pub sequences_this_run: u64,
+    /// Sequences kept in `work_folder` for `--resume` (0 when it was removed).
+    pub sequences_kept: u64,
+    pub work_folder: Option<PathBuf>,
+    /// The data path's report as far as it got (records read, per file), when it started.
+    pub data: Option<RunReport>,
+}
+
+/// SIGINT/SIGTERM: the first stops the run cleanly (work made durable, report written, exit
+/// 130/143); a second one ends the process at once.
+struct Signals {
+    int: Arc<AtomicBool>,
+    term: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let int = Arc::new(AtomicBool::new(false));
+        let term = Arc::new(AtomicBool::new(false));
+        for (sig, flag, code) in [
+            (SIGINT, &int, i32::from(exit::SIGINT)),
+            (SIGTERM, &term, i32::from(exit::SIGTERM)),
+        ] {
+            signal_hook::flag::register_conditional_shutdown(sig, code, Arc::clone(flag))
+                .and_then(|_| signal_hook::flag::register(sig, Arc::clone(flag)))
+                .context("cannot install the signal handlers")?;
+        }
+        Ok(Self { int, term })
+    }
+
+    fn raised(&self) -> Option<exit::Interrupted> {
+        if self.term.load(Ordering::Relaxed) {
+            Some(exit::Interrupted(signal_hook::consts::SIGTERM))
+        } else if self.int.load(Ordering::Relaxed) {
+            Some(exit::Interrupted(signal_hook::consts::SIGINT))
+        } else {
+            None
+        }
+    }
+}
+
+/// The writer's resume check seen by the data path.
+struct ResumeAdapter(Arc<virnuc_output::InputCheck>);
+
+impl virnuc_data::ResumeCheck for ResumeAdapter {
+    fn is_done(&self, index: u64) -> bool {
+        self.0.is_done(index)
+    }
+    fn check(
+        &self,
+        index: u64,
+        id: &str,
+        digest: u64,
+        file: u32,
+    ) -> std::result::Result<bool, virnuc_data::ResumeMismatch> {
+        self.0.check(index, id, digest, file).map_err(mismatch)
+    }
+    fn finish(&self) -> std::result::Result<(), virnuc_data::ResumeMismatch> {
+        self.0.finish().map_err(mismatch)
+    }
+}
+
+fn mismatch(e: OutputError) -> virnuc_data::ResumeMismatch {
+    let file = match &e {
+        OutputError::InputChanged { tag, .. } => *tag,
+        _ => None,
+    };
+    virnuc_data::ResumeMismatch {
+        file,
+        message: e.to_string(),
+    }
+}
+
 pub fn run(args: &EmbedArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut s = EmbedSettings::resolve(args)?;
-    if s.worker.is_none() {
-        precheck_output(&s)?;
+    // The report's path first: a run must not end after hours with nowhere to report.
+    precheck_report(&s)?;
+    let mut progress = Progress::default();
+    let result = Signals::install().and_then(|signals| {
+        if s.worker.is_none() {
+            precheck_output(&s)?;
+        }
+        run_checked(&mut s, &signals, &mut progress, t0)
+    });
+    if let Err(e) = &result {
+        let report = FailureReport {
+            virnuc_trt_version: env!("CARGO_PKG_VERSION"),
+            output: s.out.clone(),
+            complete: false,
+            error: format!("{e:#}"),
+            exit_status: exit::code_of(e),
+            resumed: progress.resumed,
+            sequences_this_run: progress.sequences_this_run,
+            sequences_kept: progress.sequences_kept,
+            work_folder: progress.work_kept.clone(),
+            data: progress.data.take(),
+        };
+        if let Err(w) = emit_report(&s, &report) {
+            eprintln!("virnuc-trt: warning: {w:#}");
+        }
+        if let Some(work) = &progress.work_kept {
+            eprintln!(
+                "virnuc-trt: {} sequences are kept in {}: run the same command with --resume to \
+                 continue, or delete it to start over",
+                progress.sequences_kept,
+                work.display()
+            );
+        }
     }
+    result
+}
 
+fn run_checked(
+    s: &mut EmbedSettings,
+    signals: &Signals,
+    progress: &mut Progress,
+    t0: Instant,
+) -> Result<()> {
     let mut options = match &s.engine {
         Some(dir) => {
             let checked = check_engine_dir(dir, s.ort_lib.as_deref(), s.device_set, s.force)
@@ -183,7 +325,7 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         hidden_size: info.hidden_size,
         per_token: s.per_token,
         dtype: s.precision.dtype(),
-        attributes: attributes(&s, &info)?,
+        attributes: attributes(s, &info)?,
         resume: s.resume,
         shard_sequences: s.shard_sequences,
     };
@@ -199,6 +341,9 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
         Err(e) => return Err(e).context("cannot open the output"),
     };
     let resumed = writer.resume_info().sequences_done > 0;
+    progress.resumed = resumed;
+    progress.sequences_kept = writer.sequences_durable();
+    progress.work_kept = Some(writer.work_dir().to_path_buf());
     if resumed {
         let r = writer.resume_info();
         eprintln!(
@@ -210,70 +355,115 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
     }
     // Resume skips whole packs, not sequences: packing is deterministic, so every sequence is
     // computed in the same pack as in an uninterrupted run and the final file is bit-identical
-    // (matrix products over a different pack round differently in the last bit). A pack that is
-    // partly done is recomputed and only its missing sequences are written.
+    // (matrix products over a different pack round differently in the last bit). The data path
+    // checks each done sequence against the digest the interrupted run stored and drops packs
+    // that are all done; a pack that is partly done is recomputed and only its missing sequences
+    // are written.
     let done = writer.done();
-    let mut pipeline_config = s.pipeline();
-    pipeline_config.encoders = vec![encoder];
-    let mut pipeline = virnuc_data::start(pipeline_config).context("cannot start reading")?;
+    let mut config = s.pipeline();
+    config.encoders = vec![encoder];
+    if resumed {
+        config.skip = Some(Arc::new(ResumeAdapter(writer.input_check())));
+    }
+    let mut pipeline = match virnuc_data::start(config) {
+        Ok(p) => p,
+        Err(e) => {
+            progress.sequences_kept = writer.stop();
+            return Err(anyhow!(e).context("cannot start reading"));
+        }
+    };
 
     let input = pipeline.input_progress();
-    let progress = progress_bar(s.quiet, input.total_bytes());
-    let writer_progress = progress.clone();
+    let progress_bar = progress_bar(s.quiet, input.total_bytes());
+    let writer_progress = progress_bar.clone();
     let writer_done = done.clone();
+    // The writer comes back with the outcome, so that a failed run can still make its work
+    // durable (or remove an empty working folder).
     let writer_thread = std::thread::Builder::new()
         .name("virnuc-writer".into())
-        .spawn(move || -> Result<WriterDone> {
-            let mut writer = writer;
-            let mut sequences = 0u64;
+        .spawn(move || -> (WriterDone, Result<()>) {
+            let mut done = WriterDone {
+                writer,
+                sequences: 0,
+            };
             let mut tokens = 0u64;
             let start = Instant::now();
-            for r in results.iter() {
-                let r = r.map_err(|e| anyhow!(e))?;
-                let context = || {
-                    format!(
-                        "cannot write the pack starting with {}",
-                        r.batch.sequences[0].id
-                    )
-                };
-                let keep: Vec<usize> = (0..r.batch.num_sequences())
-                    .filter(|&i| !writer_done(r.batch.sequences[i].index))
-                    .collect();
-                if keep.len() == r.batch.num_sequences() {
-                    let states = r
-                        .embeddings
-                        .hidden
-                        .as_deref()
-                        .map(|h| (h, r.batch.cu_seqlens.as_slice()));
-                    writer
-                        .write_pack(&r.batch.sequences, &r.embeddings.mean, states)
-                        .with_context(context)?;
-                } else {
-                    let sel = select(&r.batch, &r.embeddings, &keep);
-                    let states = sel
-                        .states
-                        .as_ref()
-                        .map(|(h, cu)| (h.as_slice(), cu.as_slice()));
-                    writer
-                        .write_pack(&sel.sequences, &sel.mean, states)
-                        .with_context(context)?;
+            let outcome = (|| -> Result<()> {
+                for r in results.iter() {
+                    let r = r.map_err(|e| anyhow!(e))?;
+                    let context = || {
+                        format!(
+                            "cannot write the pack starting with {}",
+                            r.batch.sequences[0].id
+                        )
+                    };
+                    let keep: Vec<usize> = (0..r.batch.num_sequences())
+                        .filter(|&i| !writer_done(r.batch.sequences[i].index))
+                        .collect();
+                    let digests: Vec<u64> = keep
+                        .iter()
+                        .map(|&i| {
+                            let ids = &r.batch.input_ids[r.batch.token_range(i)];
+                            virnuc_core::sequence_digest(
+                                &r.batch.sequences[i].id,
+                                ids.iter().map(|&t| t as u32),
+                            )
+                        })
+                        .collect();
+                    if keep.len() == r.batch.num_sequences() {
+                        let states = r
+                            .embeddings
+                            .hidden
+                            .as_deref()
+                            .map(|h| (h, r.batch.cu_seqlens.as_slice()));
+                        done.writer
+                            .write_pack_with_digests(
+                                &r.batch.sequences,
+                                &digests,
+                                &r.embeddings.mean,
+                                states,
+                            )
+                            .with_context(context)?;
+                    } else {
+                        let sel = select(&r.batch, &r.embeddings, &keep);
+                        let states = sel
+                            .states
+                            .as_ref()
+                            .map(|(h, cu)| (h.as_slice(), cu.as_slice()));
+                        done.writer
+                            .write_pack_with_digests(&sel.sequences, &digests, &sel.mean, states)
+                            .with_context(context)?;
+                    }
+                    done.sequences += keep.len() as u64;
+                    tokens += r.batch.num_tokens() as u64;
+                    let secs = start.elapsed().as_secs_f64().max(1e-9);
+                    writer_progress.set_position(input.bytes_read());
+                    writer_progress.set_message(format!(
+                        "{} sequences, {:.0} tokens/s",
+                        done.sequences,
+                        tokens as f64 / secs
+                    ));
                 }
-                sequences += keep.len() as u64;
-                tokens += r.batch.num_tokens() as u64;
-                let secs = start.elapsed().as_secs_f64().max(1e-9);
-                writer_progress.set_position(input.bytes_read());
-                writer_progress.set_message(format!(
-                    "{sequences} sequences, {:.0} tokens/s",
-                    tokens as f64 / secs
-                ));
-            }
-            Ok(WriterDone { writer, sequences })
+                Ok(())
+            })();
+            (done, outcome)
         })
         .context("cannot start the writer thread")?;
 
     // Feed the engine. A failure downstream closes its queue: stop feeding and report that error.
     let mut feed_error = None;
-    for pack in pipeline.by_ref() {
+    let mut input_changed = false;
+    loop {
+        if let Some(sig) = signals.raised() {
+            feed_error = Some(anyhow!(sig));
+            break;
+        }
+        let pack = match pipeline.next_timeout(Duration::from_millis(200)) {
+            Ok(Some(pack)) => pack,
+            Ok(None) => break,
+            // Nothing yet (a slow pipe): look at the signals again.
+            Err(_) => continue,
+        };
         match pack {
             Ok(p) => {
                 if p.sequences.iter().all(|m| done(m.index)) {
@@ -284,37 +474,80 @@ pub fn run(args: &EmbedArgs) -> Result<()> {
                 }
             }
             Err(e) => {
+                input_changed = matches!(e, virnuc_data::DataError::InputChanged { .. });
                 feed_error = Some(anyhow!(e).context("reading the input failed"));
                 break;
             }
         }
+    }
+    if feed_error.is_none()
+        && let Some(sig) = signals.raised()
+    {
+        feed_error = Some(anyhow!(sig));
     }
     let engine_stats = engine.finish();
     let (engine_stats, device_reports) = match engine_stats {
         Ok((stats, reports)) => (Ok(stats), reports),
         Err(e) => (Err(e), None),
     };
-    let written = writer_thread
+    let (written, write_result) = writer_thread
         .join()
         .map_err(|_| anyhow!("the writer thread panicked"))?;
-    progress.finish_and_clear();
-    let data = pipeline.finish();
-    // The first failure in flow order is the cause; later ones are its consequences.
-    let done = match (written, engine_stats, feed_error) {
-        (_, _, Some(e)) => return Err(e),
-        (Err(e), _, _) => return Err(e),
-        (_, Err(e), _) => return Err(e.context("inference failed")),
-        (Ok(w), Ok(stats), None) => (w, stats),
+    progress_bar.finish_and_clear();
+    progress.sequences_this_run = written.sequences;
+    let interrupted = feed_error
+        .as_ref()
+        .is_some_and(|e| e.is::<exit::Interrupted>());
+    let data = if interrupted {
+        // The reader may be blocked on a pipe that never ends: leave the threads, the process
+        // ends soon.
+        drop(pipeline);
+        Err(virnuc_data::DataError::Config("interrupted".into()))
+    } else {
+        pipeline.finish()
     };
-    let data = data.context("reading the input failed")?;
+    progress.data = match &data {
+        Ok(r) => Some(r.clone()),
+        Err(virnuc_data::DataError::RunFailed { report, .. }) => Some((**report).clone()),
+        Err(_) => None,
+    };
+    // The first failure in flow order is the cause; later ones are its consequences.
+    let failure = match (write_result, engine_stats, feed_error) {
+        (_, _, Some(e)) => Err(e),
+        (Err(e), _, _) => Err(e),
+        (_, Err(e), _) => Err(e.context("inference failed")),
+        (Ok(()), Ok(stats), None) => Ok(stats),
+    };
+    let failure = failure.and_then(|stats| match data {
+        Ok(d) => Ok((stats, d)),
+        Err(e) => Err(anyhow!(e).context("reading the input failed")),
+    });
+    let (stats, data) = match failure {
+        Ok(x) => x,
+        Err(e) if input_changed => {
+            // Nothing of this run is kept: the working folder is as the interrupted run left it.
+            progress.sequences_this_run = 0;
+            if let Err(a) = written.writer.abandon() {
+                eprintln!("virnuc-trt: warning: cannot undo this run's shards: {a}");
+            }
+            return Err(e);
+        }
+        Err(e) => {
+            progress.sequences_kept = written.writer.stop();
+            if progress.sequences_kept == 0 {
+                progress.work_kept = None;
+            }
+            return Err(e);
+        }
+    };
     finish(
-        &s,
+        s,
         &info,
-        done.0,
-        (done.1, device_reports),
+        written,
+        (stats, device_reports),
         data,
         t0,
-        resumed,
+        progress,
     )
 }
 
@@ -397,28 +630,28 @@ fn select(
 /// Refuses an output that exists (without --resume) or cannot be written, before the model loads.
 fn precheck_output(s: &EmbedSettings) -> Result<()> {
     if s.out.is_dir() {
-        bail!(
+        return Err(output_failure(format!(
             "output {} is a folder; give a .h5 file path",
             s.out.display()
-        );
+        )));
     }
     if s.out.exists() && !s.resume {
-        bail!(
+        return Err(output_failure(format!(
             "{} already exists; refusing to overwrite it (remove it or choose another output; \
              --resume only continues an interrupted run)",
             s.out.display()
-        );
+        )));
     }
     let parent = match s.out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if !parent.is_dir() {
-        bail!(
+        return Err(output_failure(format!(
             "cannot write output {}: folder {} does not exist",
             s.out.display(),
             parent.display()
-        );
+        )));
     }
     // A probe file tells writability for real (permissions, read-only mounts, ACLs).
     let probe = parent.join(format!(".virnuc-trt-probe-{}", std::process::id()));
@@ -427,8 +660,15 @@ fn precheck_output(s: &EmbedSettings) -> Result<()> {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) => bail!("cannot write output {}: {e}", s.out.display()),
+        Err(e) => Err(output_failure(format!(
+            "cannot write output {}: {e}",
+            s.out.display()
+        ))),
     }
+}
+
+fn output_failure(message: String) -> anyhow::Error {
+    exit::OutputFailure(message).into()
 }
 
 /// HDF5 attributes: model metadata and run settings. No times or host names, so equal runs give
@@ -507,13 +747,23 @@ fn finish(
     (stats, devices): (EngineThreadStats, Option<Vec<DeviceReport>>),
     data: RunReport,
     t0: Instant,
-    resumed: bool,
+    progress: &mut Progress,
 ) -> Result<()> {
+    let resumed = progress.resumed;
     let expected = data.stages.sequences;
-    let summary: FinishSummary = done
-        .writer
-        .finish(expected)
-        .with_context(|| format!("cannot finish {}", s.out.display()))?;
+    // Every record, sequence and pack accounted for, resumed or not; a violation is a bug.
+    data.check_consumer(stats.packs, done.sequences)
+        .map_err(|e| anyhow!("internal error: the run's accounting does not add up: {e}"))?;
+    let summary: FinishSummary = match done.writer.finish(expected) {
+        Ok(summary) => summary,
+        Err(e) => {
+            if let OutputError::Finish { sequences, .. } = &e {
+                progress.sequences_kept = *sequences;
+            }
+            return Err(e).with_context(|| format!("cannot finish {}", s.out.display()));
+        }
+    };
+    progress.work_kept = None;
     let p = &data.packing;
     let padding_fraction = if p.tokens + p.unused_budget > 0 {
         p.unused_budget as f64 / (p.tokens + p.unused_budget) as f64
@@ -537,6 +787,7 @@ fn finish(
         records: data.records_read,
         sequences: summary.sequences,
         sequences_this_run: done.sequences,
+        sequences_skipped_resume: data.skipped_resume,
         packs: stats.packs,
         tokens: stats.tokens,
         residues: p.residues,
@@ -576,10 +827,23 @@ fn finish(
         100.0 * busy
     );
     print_alterations(&report.data);
-    let json = serde_json::to_string_pretty(&report).context("run report")?;
+    emit_report(s, &report)
+}
+
+/// Writes a report to --report (atomically when it is a regular file) or to standard output.
+fn emit_report(s: &EmbedSettings, report: &impl Serialize) -> Result<()> {
+    let json = serde_json::to_string_pretty(report).context("run report")?;
+    let failed = |path: &Path| {
+        exit::OutputFailure(format!("cannot write the run report {}", path.display()))
+    };
     match &s.report {
-        Some(path) => write_atomic(path, json.as_bytes())
-            .with_context(|| format!("cannot write the run report {}", path.display())),
+        Some(path) if is_special(path) => std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(format!("{json}\n").as_bytes()))
+            .map_err(|e| anyhow!(e).context(failed(path))),
+        Some(path) => write_atomic(path, format!("{json}\n").as_bytes())
+            .map_err(|e| anyhow!(e).context(failed(path))),
         None => {
             let mut out = std::io::stdout().lock();
             out.write_all(json.as_bytes())?;
@@ -596,6 +860,50 @@ pub fn print_alterations(data: &RunReport) {
     let what = data.alterations();
     if !what.is_empty() {
         eprintln!("virnuc-trt: note: input changed: {}", what.join(", "));
+    }
+}
+
+/// An existing path that is not a regular file (`/dev/stdout`, a FIFO): written in place, never
+/// replaced by a rename.
+fn is_special(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
+}
+
+/// Refuses a --report that cannot be written, before any work.
+fn precheck_report(s: &EmbedSettings) -> Result<()> {
+    let Some(path) = &s.report else {
+        return Ok(());
+    };
+    let bad = |why: String| -> Result<()> {
+        Err(exit::OutputFailure(format!(
+            "cannot write the run report {}: {why}",
+            path.display()
+        ))
+        .into())
+    };
+    if path.is_dir() {
+        return bad("it is a folder; give a .json file path".into());
+    }
+    if is_special(path) {
+        return match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(_) => Ok(()),
+            Err(e) => bad(e.to_string()),
+        };
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return bad(format!("folder {} does not exist", parent.display()));
+    }
+    let probe = parent.join(format!(".virnuc-trt-report-probe-{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => bad(e.to_string()),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `virnuc-trt gate`: the accuracy gate for CI (see `docs/engines.md`). The work is
-//! `virnuc_gate::run_gate`; this is its command line. Exit status 0 on pass, 1 on fail or error.
+//! `virnuc_gate::run_gate`; this is its command line. Exit status 0 on pass, 1 on fail, 2 on a
+//! usage error, 3 and above when the gate could not run (see `exit.rs`).
 
 use std::path::PathBuf;
 
@@ -8,6 +9,8 @@ use clap::Args;
 use virnuc_data::Mode;
 use virnuc_engine::Ep;
 use virnuc_gate::{GateOptions, Thresholds, run_gate};
+
+use crate::settings::{MAX_DEVICE, Machine, check_data_ranges, check_range, max_toks_per_batch};
 
 #[derive(Debug, Args)]
 pub struct GateArgs {
@@ -68,7 +71,26 @@ impl std::fmt::Display for GateFailed {
 
 impl std::error::Error for GateFailed {}
 
+/// Most sequences a gate compares: it keeps both sides' embeddings in memory.
+const MAX_SAMPLE: usize = 1_000_000;
+
+/// The numeric flags against their ranges, before any work.
+fn check_ranges(args: &GateArgs) -> anyhow::Result<()> {
+    let m = Machine::this();
+    check_range("--sample", args.sample, 1, MAX_SAMPLE, "sequences compared")?;
+    check_data_ranges(args.chunk, 1022)?;
+    if let Some(b) = args.toks_per_batch {
+        let why = "tokens: one residue with <cls> and <eos>, up to what the memory holds";
+        check_range("--toks-per-batch", b, 3, max_toks_per_batch(&m), why)?;
+    }
+    if let Some(d) = args.device {
+        check_range("--device", d, 0, MAX_DEVICE, "GPU index")?;
+    }
+    Ok(())
+}
+
 pub fn run(args: &GateArgs) -> anyhow::Result<()> {
+    check_ranges(args)?;
     let thresholds = match &args.thresholds {
         Some(p) => Thresholds::from_yaml_file(p)?,
         None => Thresholds::default(),

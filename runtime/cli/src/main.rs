@@ -6,8 +6,8 @@
 //! virnuc-trt merge part0.h5 part1.h5 part2.h5 -o all.h5                     # join --input-shard runs
 //! ```
 //!
-//! Exit status: 0 success (also when the reader of standard output goes away), 1 failure,
-//! 2 usage error.
+//! Exit status (every subcommand; see [`exit`] and docs/failures.md): 0 success, 1 `gate` failed,
+//! 2 usage, 3 input, 4 output, 5 model/engine, 6 other error, 130/143 SIGINT/SIGTERM.
 
 use std::process::ExitCode;
 
@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 mod build_cmd;
 mod devices;
 mod embed;
+mod exit;
 mod gate_cmd;
 mod merge_cmd;
 mod predict;
@@ -25,7 +26,14 @@ mod translate;
 /// ESM-2 protein-language-model embeddings of FASTA/FASTQ files at GPU speed: packed sequences
 /// (no padding), ONNX Runtime (CPU, CUDA, TensorRT), HDF5 output.
 #[derive(Debug, Parser)]
-#[command(name = "virnuc-trt", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "virnuc-trt",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = EXIT_STATUS
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,6 +48,7 @@ enum Command {
     /// stop-free frames kept, named `<id>_chunk_<n>F1` …). Any setting can also come from a YAML run
     /// config (--config run.yaml) using the long flag names with `_` (e.g. `toks_per_batch: 16384`,
     /// `inputs: [a.fa, b.fa]`); flags win over the file.
+    #[command(after_help = EXIT_STATUS)]
     Embed(Box<settings::EmbedArgs>),
     /// VirNucPro's viral predictions end to end: DNA in; each stop-free frame through DNABERT-S and
     /// ESM-2 and VirNucPro's classifier; VirNucPro's prediction_results.txt and
@@ -49,10 +58,14 @@ enum Command {
     /// setting can also come from a YAML run config (--config run.yaml, long flag names with `_`).
     Predict(Box<predict::PredictArgs>),
     /// Write the proteins `embed` would send to the model (same names and order) as FASTA.
+    #[command(after_help = EXIT_STATUS)]
     Translate(translate::TranslateArgs),
     /// Build an engine folder for this GPU (or CPU): optimized graph, tuned token budget, manifest.
+    #[command(after_help = EXIT_STATUS)]
     Build(Box<build_cmd::BuildArgs>),
-    /// Accuracy gate: a candidate engine's embeddings against a reference; exit 0 pass, 1 fail.
+    /// Accuracy gate: a candidate engine's embeddings against a reference; exit 0 pass, 1 fail,
+    /// 2 usage, 3+ could not run (see the exit status below).
+    #[command(after_help = EXIT_STATUS)]
     Gate(Box<gate_cmd::GateArgs>),
     /// Join the outputs of `embed --input-shard I/N` (every I of one N) into one file in input
     /// order, as one run over the whole input writes it; parts of different runs, a missing or a
@@ -60,13 +73,23 @@ enum Command {
     Merge(Box<merge_cmd::MergeArgs>),
 }
 
+/// The exit status table, shown by every `--help`.
+const EXIT_STATUS: &str = "Exit status: 0 success (gate: passed), 1 gate failed, 2 usage error \
+(flag, value out of range, run config), 3 input error (unreadable or invalid input, or not the input \
+a --resume continues), 4 output error (cannot write the output, working folder or report; in use; \
+disk full), 5 model or engine error, 6 other error, 130/143 stopped by SIGINT/SIGTERM.";
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version print to stdout and exit 0; real usage errors exit 2.
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            });
         }
     };
     let result = match &cli.command {
@@ -82,11 +105,7 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("virnuc-trt: error: {}", error_text(&e));
-            if e.downcast_ref::<settings::UsageError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::from(exit::code_of(&e))
         }
     }
 }

@@ -30,6 +30,98 @@ pub fn usage<T>(msg: impl Into<String>) -> Result<T> {
     Err(UsageError(msg.into()).into())
 }
 
+/// What this machine has, for the ranges of the numeric settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_bytes: u64,
+}
+
+impl Machine {
+    pub fn this() -> Self {
+        Self {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_bytes: total_memory().unwrap_or(8 << 30),
+        }
+    }
+
+    /// Threads a stage may usefully run: beyond 4 per core they only add memory and switching.
+    pub fn max_threads(&self) -> usize {
+        (4 * self.cores).max(16)
+    }
+}
+
+/// `MemTotal` of /proc/meminfo (Linux); `None` elsewhere.
+fn total_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Largest token budget: cu_seqlens are int32, and a pack's host and device buffers (ids,
+/// positions, a pooled row per sequence, activations) take on the order of 16 KiB per token of a
+/// large model, which must fit a quarter of the memory.
+pub fn max_toks_per_batch(m: &Machine) -> usize {
+    let by_memory = (m.memory_bytes / 4 / (16 << 10)).max(4096);
+    usize::try_from(by_memory)
+        .unwrap_or(usize::MAX)
+        .min(1 << 24)
+}
+
+/// Largest prefetch: packs waiting ahead of the engine (each up to `budget` tokens, ~64 B a token
+/// on the host with its metadata) may take an eighth of the memory; more than 256 never helps.
+pub fn max_prefetch(m: &Machine, budget: usize) -> usize {
+    let per_pack = (budget.max(1) as u64) * 64;
+    usize::try_from(m.memory_bytes / 8 / per_pack)
+        .unwrap_or(usize::MAX)
+        .clamp(1, 256)
+}
+
+/// Longest chunk: a reader batch (256 KiB of sequence) holds at least one chunk.
+pub const MAX_CHUNK: usize = virnuc_data::pipeline::BATCH_BYTES;
+/// Longest protein kept whole: residues are counted in u32 and a window must fit the pack budget
+/// limit; ESM-2 itself was trained up to 1022.
+pub const MAX_RESIDUES: usize = 1 << 20;
+/// Sequences per output shard: the resume check holds a shard's ids while it checks them.
+pub const MAX_SHARD_SEQUENCES: usize = 1 << 20;
+/// GPU indices: CUDA numbers devices from 0; no host has more than this.
+pub const MAX_DEVICE: i32 = 1023;
+
+/// `Err(usage)` unless `lo ≤ value ≤ hi`; the message says the range and why.
+pub fn check_range<T: PartialOrd + std::fmt::Display>(
+    flag: &str,
+    value: T,
+    lo: T,
+    hi: T,
+    why: &str,
+) -> Result<()> {
+    if value < lo || value > hi {
+        return usage(format!(
+            "{flag} {value} is out of range: {lo} to {hi} ({why})"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the data settings every subcommand shares.
+pub fn check_data_ranges(chunk: usize, max_residues: usize) -> Result<()> {
+    check_range(
+        "--chunk",
+        chunk,
+        3,
+        MAX_CHUNK,
+        "bp: at least one codon, at most one reader batch",
+    )?;
+    check_range(
+        "--max-residues",
+        max_residues,
+        1,
+        MAX_RESIDUES,
+        "residues per sequence",
+    )
+}
+
 /// How inputs become proteins: shared by `embed` and `translate`.
 #[derive(Debug, Clone, Args, Default)]
 pub struct DataArgs {
@@ -432,12 +524,7 @@ impl EmbedSettings {
             settings.device = w.device;
             settings.device_set = Some(w.device);
         }
-        if settings.toks_per_batch < 3 || settings.prefetch == 0 || settings.shard_sequences == 0 {
-            return usage("--toks-per-batch must be ≥ 3, --prefetch and --shard-sequences ≥ 1");
-        }
-        if settings.chunk < 3 {
-            return usage("--chunk must be at least 3 bp");
-        }
+        settings.check_ranges(&Machine::this())?;
         Ok(settings)
     }
 
@@ -477,6 +564,58 @@ impl EmbedSettings {
             "without --engine (it runs an engine folder built for another host)",
         );
         out
+    }
+
+    /// Every numeric setting against its range (from the machine and the other settings), before
+    /// any work: a usage error that says the range.
+    pub fn check_ranges(&self, m: &Machine) -> Result<()> {
+        let threads = m.max_threads();
+        let per_core = format!(
+            "0 = one per core; at most 4 per core of the {} here",
+            m.cores
+        );
+        check_range("--workers", self.workers, 0, threads, &per_core)?;
+        check_range(
+            "--threads",
+            self.threads,
+            0,
+            threads,
+            &format!(
+                "0 = ONNX Runtime's choice; at most 4 per core of the {} here",
+                m.cores
+            ),
+        )?;
+        let max_budget = max_toks_per_batch(m);
+        check_range(
+            "--toks-per-batch",
+            self.toks_per_batch,
+            3,
+            max_budget,
+            &format!(
+                "tokens: one residue with <cls> and <eos>, up to what {} GiB of memory holds",
+                m.memory_bytes >> 30
+            ),
+        )?;
+        check_range(
+            "--prefetch",
+            self.prefetch,
+            1,
+            max_prefetch(m, self.toks_per_batch),
+            &format!(
+                "packs of {} tokens waiting in an eighth of the memory, at most 256",
+                self.toks_per_batch
+            ),
+        )?;
+        check_data_ranges(self.chunk, self.max_residues)?;
+        check_range(
+            "--shard-sequences",
+            self.shard_sequences,
+            1,
+            MAX_SHARD_SEQUENCES,
+            "sequences per output shard",
+        )?;
+        check_range("--device", self.device, 0, MAX_DEVICE, "GPU index")?;
+        Ok(())
     }
 
     pub fn pipeline(&self) -> PipelineConfig {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use virnuc_data::PipelineConfig;
 
-use crate::settings::{DataArgs, usage};
+use crate::settings::{DataArgs, check_data_ranges, usage};
 
 /// Flags of `virnuc-trt translate`.
 #[derive(Debug, Clone, Args)]
@@ -41,9 +41,7 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
         long: args.data.long.unwrap_or_default(),
         ..PipelineConfig::default()
     };
-    if config.chunk_len < 3 {
-        return usage("--chunk must be at least 3 bp");
-    }
+    check_data_ranges(config.chunk_len, config.max_residues)?;
     if args.dna && config.mode != virnuc_data::Mode::Nucleotide {
         return usage("--dna writes the DNA spans of kept frames: nucleotide mode only");
     }

@@ -29,14 +29,14 @@ fn build_then_gate_exit_codes_reports_and_errors() {
     );
     assert!(engine.join("manifest.json").is_file());
 
-    // An existing engine is not overwritten silently.
+    // An existing engine is not overwritten silently (exit 5: an engine-folder error).
     let o = virnuc(
         &[
             "build", "--model", m, "--ep", "cpu", "--out", e, "--budget", "1026",
         ],
         &[],
     );
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("--overwrite"),
         "{}",
@@ -61,7 +61,7 @@ fn build_then_gate_exit_codes_reports_and_errors() {
         ],
         &[("VIRNUC_PYTHON", "/nonexistent/python3")],
     );
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("Run the export yourself"), "{}", text(&o));
     assert!(
@@ -144,10 +144,10 @@ fn build_then_gate_exit_codes_reports_and_errors() {
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("valid JSON");
     assert_eq!(report["pass"], false);
 
-    // A typo in the thresholds file is an error, never a looser gate.
+    // A typo in the thresholds file is a usage error (exit 2), never a looser gate.
     std::fs::write(&yaml, "min_cosin: 0.5\n").expect("write");
     let o = gate(&["--thresholds", yaml.to_str().expect("utf-8")]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("min_cosin"),
         "{}",

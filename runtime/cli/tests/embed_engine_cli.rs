@@ -93,7 +93,7 @@ fn embed_engine_uses_manifest_budget_and_refuses_forged_manifest() {
     )
     .expect("write");
     let (o, _) = run("forged", &["--engine", e]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("ONNX Runtime version"), "{}", text(&o));
     assert!(err.contains("0.0.0-forged"), "{}", text(&o));

@@ -106,7 +106,8 @@ fn regression_embed_names_data_altering_events_warns_and_refuses_a_mode_mismatch
         ],
         &[],
     );
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // Exit 3: an input error.
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("--mode protein") && err.contains("globins45.fa"),

@@ -111,6 +111,29 @@ impl PackedBatch {
     }
 }
 
+/// Digest of one sequence as it goes to the model: its output id and token ids (FNV-1a, 64-bit;
+/// stable across builds and platforms). A resumed run compares these with the ones the interrupted
+/// run stored, so it continues only over the input it had read.
+pub fn sequence_digest(id: &str, tokens: impl IntoIterator<Item = u32>) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(PRIME);
+    };
+    for &b in id.as_bytes() {
+        eat(b);
+    }
+    // A separator no id byte sequence can imitate with tokens (ids are whole UTF-8, 0xff is not).
+    eat(0xff);
+    for t in tokens {
+        for b in t.to_le_bytes() {
+            eat(b);
+        }
+    }
+    h
+}
+
 /// A model architecture, as in `models/*.yaml` (shared with the Python exporter). The ESM-2-only
 /// fields are present exactly for the ESM-2 family ([`ModelConfig::from_yaml_str`] checks it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -76,8 +76,31 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// Resume predicate: returns true for output indices already done.
-pub type SkipFn = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+/// What a resumed run knows about the work an interrupted run left (the output writer implements
+/// it). The packer still packs every sequence, so packs are the same as in an uninterrupted run;
+/// it asks [`ResumeCheck::check`] about each, drops packs whose sequences are all done, and calls
+/// [`ResumeCheck::finish`] after the last one.
+pub trait ResumeCheck: Send + Sync {
+    /// Output index `index` was written by the interrupted run.
+    fn is_done(&self, index: u64) -> bool;
+    /// Notes sequence `index` (`id`, [`virnuc_core::sequence_digest`] `digest`, read from input
+    /// number `file`) as re-read; returns whether it is done. `Err` says how the input differs
+    /// from the one the interrupted run read.
+    fn check(&self, index: u64, id: &str, digest: u64, file: u32) -> Result<bool, ResumeMismatch>;
+    /// After the last sequence: `Err` if the input ended before all done work was re-read.
+    fn finish(&self) -> Result<(), ResumeMismatch>;
+}
+
+/// How a re-read input differs from an interrupted run's: the input number of the first
+/// differing sequence (when known) and what differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeMismatch {
+    pub file: Option<u32>,
+    pub message: String,
+}
+
+/// A shared [`ResumeCheck`].
+pub type SkipFn = Arc<dyn ResumeCheck>;
 
 /// One of `count` disjoint parts of the input, for one process per GPU or a scheduler's job array:
 /// shard `index` takes the records whose 0-based position in the input (all files, in order) is
@@ -163,7 +186,8 @@ pub struct PipelineConfig {
     pub workers: usize,
     /// Packs ready ahead of the consumer.
     pub prefetch: usize,
-    /// Output indices already done (resume): counted, not packed.
+    /// Work of an interrupted run (resume): checked against the input, counted; packs whose
+    /// sequences are all done are not delivered.
     pub skip: Option<SkipFn>,
     /// Only this shard's records (`None`: all of them). Honoured by [`start`]; the sequential
     /// [`proteins`] view refuses it.
@@ -291,6 +315,9 @@ pub enum DataError {
     Encode { id: String, message: String },
     #[error("the {0} thread panicked")]
     Panic(&'static str),
+    /// A resumed run re-reads an input that is not the one the interrupted run read.
+    #[error("{file}: {message}")]
+    InputChanged { file: String, message: String },
     /// Returned by [`Pipeline::finish`] when the run hit an error; the report shows how far it got.
     #[error("run failed: {first}")]
     RunFailed {

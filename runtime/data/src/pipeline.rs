@@ -234,6 +234,8 @@ struct RecordBatch {
     parts: Vec<Option<Part>>,
     /// Input position of each record ([`SequenceMeta::record`]).
     ordinals: Vec<u64>,
+    /// Input file of each record (index into the inputs).
+    files: Vec<u32>,
 }
 
 /// Tokenized sequences of one batch, concatenated; `tokens[k]`/`token_ends[k]` are encoder `k`'s.
@@ -245,6 +247,8 @@ struct TokenBatch {
     token_ends: Vec<Vec<usize>>,
     /// Input position of the record each sequence comes from.
     records: Vec<u64>,
+    /// Input file of each sequence (index into the inputs).
+    files: Vec<u32>,
     stats: StageStats,
 }
 
@@ -260,6 +264,7 @@ struct PackerOutcome {
     /// One per encoder.
     packing: Vec<PackStats>,
     skipped_resume: u64,
+    packs_skipped_resume: u64,
     /// All batches consumed and all packs handed to the prefetch queue.
     finished: bool,
     error: Option<String>,
@@ -330,8 +335,21 @@ pub fn start(config: PipelineConfig) -> Result<Pipeline, DataError> {
         window: config.window,
     };
     let skip = config.skip.clone();
+    let names: Vec<String> = config
+        .inputs
+        .iter()
+        .map(|p| crate::loader::display_path(p))
+        .collect();
     let packer = spawn("virnuc-packer", move || {
-        packer_loop(pack_config, streams, skip, done_rx, ticket_tx, pack_tx)
+        packer_loop(
+            pack_config,
+            streams,
+            skip,
+            names,
+            done_rx,
+            ticket_tx,
+            pack_tx,
+        )
     })?;
     Ok(Pipeline {
         rx: Some(pack_rx),
@@ -373,6 +391,8 @@ struct BatchSender {
     open: bool,
     /// Position in `batch` of the first record of the file being read.
     file_start: usize,
+    /// The file being read (index into the inputs).
+    file: u32,
 }
 
 impl BatchSender {
@@ -403,11 +423,13 @@ impl BatchSender {
         b.seq_ends.truncate(keep);
         b.parts.truncate(keep);
         b.ordinals.truncate(keep);
+        b.files.truncate(keep);
     }
 
     fn push(&mut self, ordinal: u64, id: &str, seq: &[u8], part: Option<Part>) {
         let b = &mut self.batch;
         b.ordinals.push(ordinal);
+        b.files.push(self.file);
         b.ids.push_str(id);
         b.id_ends.push(b.ids.len());
         b.seqs.extend_from_slice(seq);
@@ -466,6 +488,7 @@ fn reader_loop(
         batch: RecordBatch::default(),
         open: true,
         file_start: 0,
+        file: 0,
     };
     // Position of each record handed over, across all inputs: the same in every shard's run. (A
     // FASTA file ending in a bare header is counted by the loader without being handed over: every
@@ -477,6 +500,7 @@ fn reader_loop(
         match source.next_record(|r: RecordRef<'_>| {
             if last_file != Some(r.file) {
                 last_file = Some(r.file);
+                out.file = r.file as u32;
                 out.file_start = out.batch.seq_ends.len();
             }
             let here = ordinal;
@@ -543,12 +567,13 @@ fn process_batch(
     let mut id_start = 0;
     let mut seq_start = 0;
     let mut failed = None;
-    for (((&id_end, &seq_end), &part), &ordinal) in batch
+    for ((((&id_end, &seq_end), &part), &ordinal), &file) in batch
         .id_ends
         .iter()
         .zip(&batch.seq_ends)
         .zip(&batch.parts)
         .zip(&batch.ordinals)
+        .zip(&batch.files)
     {
         let id = &batch.ids[id_start..id_end];
         let seq = &batch.seqs[seq_start..seq_end];
@@ -559,12 +584,14 @@ fn process_batch(
             tokens,
             token_ends,
             records,
+            files,
             stats,
         } = &mut out;
         processor.process(id, seq, part, stats, &mut |name, protein, dna| {
             ids.push_str(name);
             id_ends.push(ids.len());
             records.push(ordinal);
+            files.push(file);
             for (k, encoder) in encoders.iter().enumerate() {
                 let input = match encoder.traits().frame_input {
                     FrameInput::Protein => protein,
@@ -596,6 +623,7 @@ fn packer_loop(
     config: PackerConfig,
     streams: usize,
     skip: Option<crate::SkipFn>,
+    names: Vec<String>,
     rx: Receiver<Done>,
     tickets: Sender<()>,
     tx: Sender<Result<TaggedPack, DataError>>,
@@ -607,8 +635,29 @@ fn packer_loop(
     let mut next_index = 0u64;
     let mut ready: Vec<TaggedPack> = Vec::new();
     let mut made: Vec<PackedBatch> = Vec::new();
-    let send_ready =
-        |ready: &mut Vec<TaggedPack>| -> bool { ready.drain(..).all(|p| tx.send(Ok(p)).is_ok()) };
+    let mut packs_skipped = 0u64;
+    // Packs whose sequences an interrupted run wrote already are made (packing stays the same as
+    // in an uninterrupted run) but not delivered.
+    let mut send_ready = |ready: &mut Vec<TaggedPack>| -> bool {
+        ready.drain(..).all(|p| {
+            let all_done = skip
+                .as_ref()
+                .is_some_and(|s| p.1.sequences.iter().all(|m| s.is_done(m.index)));
+            if all_done {
+                packs_skipped += 1;
+                return true;
+            }
+            tx.send(Ok(p)).is_ok()
+        })
+    };
+    let changed = |m: crate::ResumeMismatch| DataError::InputChanged {
+        file: m
+            .file
+            .and_then(|f| names.get(f as usize).cloned())
+            .unwrap_or_else(|| "the input".into()),
+        message: m.message,
+    };
+    let mut failure: Option<DataError> = None;
     let finish_all = |packers: &mut Vec<Packer>, ready: &mut Vec<TaggedPack>| {
         for (k, packer) in packers.iter_mut().enumerate() {
             let mut made = Vec::new();
@@ -634,17 +683,25 @@ fn packer_loop(
                         next_index += 1;
                         let id = &batch.ids[id_start..id_end];
                         id_start = id_end;
-                        let skipped = skip.as_ref().is_some_and(|f| f(index));
-                        if skipped {
-                            outcome.skipped_resume += 1;
+                        if let Some(check) = &skip {
+                            // The first encoder's tokens are what the output's row was made from.
+                            let end = batch.token_ends[0][i];
+                            let tokens = &batch.tokens[0][tok_start[0]..end];
+                            let digest = virnuc_core::sequence_digest(id, tokens.iter().copied());
+                            let file = batch.files.get(i).copied().unwrap_or(u32::MAX);
+                            match check.check(index, id, digest, file) {
+                                Ok(true) => outcome.skipped_resume += 1,
+                                Ok(false) => {}
+                                Err(m) => {
+                                    failure = Some(changed(m));
+                                    break 'outer;
+                                }
+                            }
                         }
                         for (k, packer) in packers.iter_mut().enumerate() {
                             let tok_end = batch.token_ends[k][i];
                             let tokens = &batch.tokens[k][tok_start[k]..tok_end];
                             tok_start[k] = tok_end;
-                            if skipped {
-                                continue;
-                            }
                             let meta = SequenceMeta {
                                 index,
                                 record,
@@ -668,9 +725,11 @@ fn packer_loop(
                 Err(e) => {
                     // Deliver what came before the bad record, then the error.
                     finish_all(&mut packers, &mut ready);
+                    let sent = send_ready(&mut ready);
                     outcome.packing = packers.iter().map(|p| p.stats().clone()).collect();
+                    outcome.packs_skipped_resume = packs_skipped;
                     outcome.error = Some(e.to_string());
-                    if send_ready(&mut ready) {
+                    if sent {
                         let _ = tx.send(Err(e));
                     }
                     return outcome;
@@ -678,11 +737,28 @@ fn packer_loop(
             }
         }
     }
+    if failure.is_none()
+        && pending.is_empty()
+        && rx.is_empty()
+        && let Some(check) = &skip
+        && let Err(m) = check.finish()
+    {
+        failure = Some(changed(m));
+    }
+    if let Some(e) = failure {
+        // Nothing more is delivered: the consumer must not write packs of a changed input.
+        outcome.packing = packers.iter().map(|p| p.stats().clone()).collect();
+        outcome.packs_skipped_resume = packs_skipped;
+        outcome.error = Some(e.to_string());
+        let _ = tx.send(Err(e));
+        return outcome;
+    }
     if pending.is_empty() && rx.is_empty() {
         finish_all(&mut packers, &mut ready);
         outcome.finished = send_ready(&mut ready);
     }
     outcome.packing = packers.iter().map(|p| p.stats().clone()).collect();
+    outcome.packs_skipped_resume = packs_skipped;
     outcome
 }
 
@@ -714,6 +790,25 @@ impl Pipeline {
     /// Bytes read from the inputs so far and their total size (for a progress bar).
     pub fn input_progress(&self) -> InputProgress {
         self.progress.clone()
+    }
+
+    /// [`Iterator::next`] that gives up after `timeout` (`Err(Timeout)`), so that the caller can
+    /// look at other things (a signal) while the input is slow (a pipe).
+    pub fn next_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Result<PackedBatch, DataError>>, crossbeam_channel::RecvTimeoutError> {
+        let Some(rx) = self.rx.as_ref() else {
+            return Ok(None);
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(item) => Ok(Some(item.map(|(_, p)| p))),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                self.exhausted = true;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Stops the threads (early if the packs were not all taken) and returns the run report.
@@ -763,6 +858,7 @@ impl Pipeline {
             whitespace_removed: source.whitespace_removed,
             stages: packer.stages,
             skipped_resume: packer.skipped_resume,
+            packs_skipped_resume: packer.packs_skipped_resume,
             utilization: if capacity == 0 {
                 0.0
             } else {

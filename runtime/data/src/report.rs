@@ -108,8 +108,13 @@ pub struct RunReport {
     #[serde(default)]
     pub whitespace_removed: u64,
     pub stages: StageStats,
-    /// Sequences left out because the resume predicate said they were done.
+    /// Resume: sequences an interrupted run wrote already (checked against the input, not
+    /// written again). They are still packed, so `packing` describes every pack of the input,
+    /// the same as in an uninterrupted run.
     pub skipped_resume: u64,
+    /// Resume: packs made but not delivered because all their sequences were done.
+    #[serde(default)]
+    pub packs_skipped_resume: u64,
     /// Packing of the (first) model's packs.
     pub packing: PackStats,
     /// A run feeding several models (`predict`): the packing of the others, in encoder order.
@@ -247,16 +252,44 @@ impl RunReport {
             return Err("run incomplete: packs still in flight".into());
         }
         for packing in std::iter::once(&self.packing).chain(&self.packing_other_models) {
-            eq(
-                "sequences = packed + skipped by resume",
-                s.sequences,
-                packing.sequences + self.skipped_resume,
-            )?;
+            eq("sequences = packed", s.sequences, packing.sequences)?;
+            if self.skipped_resume > packing.sequences {
+                return Err(format!(
+                    "skipped by resume: {} > {} sequences packed",
+                    self.skipped_resume, packing.sequences
+                ));
+            }
             eq(
                 "tokens = residues + 2 × sequences packed",
                 packing.tokens,
                 packing.residues + 2 * packing.sequences,
             )?;
+        }
+        if self.packs_skipped_resume > self.packing.packs {
+            return Err(format!(
+                "packs skipped by resume: {} > {} packs made",
+                self.packs_skipped_resume, self.packing.packs
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`RunReport::check_accounting`] plus what the consumer did with the packs: `packs_run`
+    /// packs taken (all delivered ones) and `sequences_written` sequences written, which with the
+    /// ones skipped by resume must be every sequence.
+    pub fn check_consumer(&self, packs_run: u64, sequences_written: u64) -> Result<(), String> {
+        self.check_accounting()?;
+        let packs = self.packing.packs - self.packs_skipped_resume;
+        if packs_run != packs {
+            return Err(format!(
+                "packs run = packs made − packs skipped by resume: {packs_run} != {packs}"
+            ));
+        }
+        if sequences_written + self.skipped_resume != self.stages.sequences {
+            return Err(format!(
+                "sequences written + skipped by resume = sequences: {sequences_written} + {} != {}",
+                self.skipped_resume, self.stages.sequences
+            ));
         }
         Ok(())
     }

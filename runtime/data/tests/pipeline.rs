@@ -122,19 +122,88 @@ fn output_is_identical_for_1_and_4_workers() {
     assert_eq!(r1, r4);
 }
 
+/// Resume work where the indices below `done` are done; records what it was asked.
+struct Done {
+    done: u64,
+    checked: std::sync::Mutex<Vec<u64>>,
+    finished: std::sync::atomic::AtomicBool,
+}
+
+impl virnuc_data::ResumeCheck for Done {
+    fn is_done(&self, index: u64) -> bool {
+        index < self.done
+    }
+    fn check(
+        &self,
+        index: u64,
+        _id: &str,
+        _digest: u64,
+        _file: u32,
+    ) -> Result<bool, virnuc_data::ResumeMismatch> {
+        self.checked.lock().expect("lock").push(index);
+        Ok(self.is_done(index))
+    }
+    fn finish(&self) -> Result<(), virnuc_data::ResumeMismatch> {
+        self.finished
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 #[test]
-fn resume_predicate_skips_and_counts() {
+fn resume_skips_done_packs_and_counts() {
     let input = fixture("lambda_virus.fa");
-    let (all, _) = run(config(vec![input.clone()]));
-    let (odd, report) = run(PipelineConfig {
-        skip: Some(Arc::new(|i| i % 2 == 0)),
-        ..config(vec![input])
+    let small = |inputs| PipelineConfig {
+        token_budget: 1024,
+        window: 64,
+        ..config(inputs)
+    };
+    let (all_packs, whole) = run(small(vec![input.clone()]));
+    let all = sequences(&all_packs);
+    let check = Arc::new(Done {
+        done: all.len() as u64 / 2,
+        checked: Default::default(),
+        finished: Default::default(),
     });
-    let all = sequences(&all);
-    let odd = sequences(&odd);
-    assert_eq!(report.skipped_resume as usize, all.len().div_ceil(2));
-    let expect: Vec<_> = all.into_iter().filter(|s| s.0 % 2 == 1).collect();
-    assert_eq!(odd, expect);
+    let (packs, report) = run(PipelineConfig {
+        skip: Some(check.clone()),
+        ..small(vec![input])
+    });
+    // Every sequence was shown to the check, in index order, and the check was finished.
+    let checked = check.checked.lock().expect("lock").clone();
+    assert_eq!(checked, (0..all.len() as u64).collect::<Vec<_>>());
+    assert!(check.finished.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(report.skipped_resume, check.done);
+    // Packing is that of the whole input; the delivered packs are those with undone work, as made.
+    assert_eq!(report.packing, whole.packing);
+    let undone: Vec<_> = all_packs
+        .iter()
+        .filter(|p| p.sequences.iter().any(|m| m.index >= check.done))
+        .cloned()
+        .collect();
+    assert!(undone.len() < all_packs.len(), "some packs are all done");
+    assert_eq!(packs, undone);
+    assert_eq!(
+        report.packs_skipped_resume,
+        (all_packs.len() - undone.len()) as u64
+    );
+    let written = sequences(&packs)
+        .iter()
+        .filter(|s| s.0 >= check.done)
+        .count() as u64;
+    report
+        .check_consumer(packs.len() as u64, written)
+        .expect("accounting");
+    assert!(
+        report
+            .check_consumer(packs.len() as u64 + 1, written)
+            .is_err()
+    );
+    assert!(
+        report
+            .check_consumer(packs.len() as u64, written + 1)
+            .is_err()
+    );
 }
 
 #[test]

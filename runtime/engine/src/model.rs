@@ -105,8 +105,200 @@ impl ModelFiles {
                 )));
             }
         }
+        // model.json must be what the exporter wrote into the graph itself (cheap: the graph is
+        // skipped, not read); `--skip-hash` only skips the sha256 of the whole file. After the
+        // hash, which names the more common mistake (graph and metadata of two exports).
+        let text = std::fs::read_to_string(&self.metadata)
+            .map_err(|e| EngineError::Model(format!("cannot read {here}: {e}")))?;
+        let embedded = onnx_metadata_props(&self.onnx)?
+            .into_iter()
+            .find(|(k, _)| k == METADATA_KEY)
+            .map(|(_, v)| v);
+        check_embedded_metadata(&text, embedded.as_deref(), &here.to_string(), &self.onnx)?;
         Ok(meta)
     }
+}
+
+/// `metadata_props` key under which the exporter stores the graph's own copy of `model.json`
+/// (everything but `onnx_sha256`, which cannot be inside the file it hashes).
+pub const METADATA_KEY: &str = virnuc_core::ONNX_METADATA_KEY;
+
+/// Keys of `model.json` that are not in the embedded copy: the graph's hash, and what `build`
+/// adds to an engine folder's copy.
+const NOT_EMBEDDED: [&str; 2] = ["onnx_sha256", "engine"];
+
+/// Checks `model.json` (`text`) against the metadata embedded in the graph; names the first field
+/// that differs. A graph without embedded metadata is refused (re-export it).
+pub fn check_embedded_metadata(
+    text: &str,
+    embedded: Option<&str>,
+    here: &str,
+    onnx: &Path,
+) -> Result<()> {
+    let Some(embedded) = embedded else {
+        return Err(EngineError::Model(format!(
+            "{} has no embedded metadata (`{METADATA_KEY}`): it was made by an older exporter, whose \
+             model.json cannot be checked against the graph; re-export the model \
+             (`python -m virnuc_export ...`)",
+            onnx.display()
+        )));
+    };
+    let bad = |m: String| EngineError::Model(format!("{here}: {m}"));
+    let mut file: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let graph: serde_json::Value = serde_json::from_str(embedded).map_err(|e| {
+        bad(format!(
+            "the metadata embedded in {} is not JSON: {e}",
+            onnx.display()
+        ))
+    })?;
+    if let Some(obj) = file.as_object_mut() {
+        for key in NOT_EMBEDDED {
+            obj.remove(key);
+        }
+    }
+    match first_difference(&file, &graph, "") {
+        None => Ok(()),
+        Some((field, now, then)) => Err(bad(format!(
+            "metadata mismatch: `{field}` is {now} in model.json but {then} in the metadata the \
+             exporter embedded in {} (model.json was edited, or comes from another export)",
+            onnx.display()
+        ))),
+    }
+}
+
+/// The first field (dotted path) where `a` and `b` differ, with both values (`absent` if missing).
+fn first_difference(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    at: &str,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if at.is_empty() {
+            k.to_string()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
+    let show = |v: Option<&Value>| v.map_or_else(|| "absent".to_string(), |v| v.to_string());
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
+                (Some(p), Some(q)) => first_difference(p, q, &join(k)),
+                (p, q) => Some((join(k), show(p), show(q))),
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (p, q))| first_difference(p, q, &format!("{at}[{i}]"))),
+        _ if a == b => None,
+        _ => Some((at.to_string(), a.to_string(), b.to_string())),
+    }
+}
+
+/// The `metadata_props` of an ONNX file, read by walking the top-level protobuf fields of its
+/// `ModelProto` (field 14, `StringStringEntryProto { key = 1; value = 2 }`); the graph and other
+/// fields are skipped by their length, so a gigabyte model costs a few reads.
+pub fn onnx_metadata_props(path: &Path) -> Result<Vec<(String, String)>> {
+    use std::io::BufReader;
+    let bad = |m: String| EngineError::Model(format!("{}: not an ONNX model: {m}", path.display()));
+    let file = std::fs::File::open(path)
+        .map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?;
+    let len = file
+        .metadata()
+        .map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?
+        .len();
+    let mut r = BufReader::with_capacity(64 << 10, file);
+    let mut props = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        let (tag, n) = read_varint(&mut r).map_err(bad)?;
+        pos += n;
+        let (field, wire) = (tag >> 3, tag & 7);
+        let skip = match wire {
+            0 => {
+                let (_, n) = read_varint(&mut r).map_err(bad)?;
+                pos += n;
+                0
+            }
+            1 => 8,
+            5 => 4,
+            2 => {
+                let (l, n) = read_varint(&mut r).map_err(bad)?;
+                pos += n;
+                if field == 14 {
+                    let l = usize::try_from(l)
+                        .ok()
+                        .filter(|&l| l < (64 << 20))
+                        .ok_or_else(|| bad(format!("metadata entry of {l} bytes")))?;
+                    let mut entry = vec![0u8; l];
+                    r.read_exact(&mut entry)
+                        .map_err(|e| bad(format!("metadata entry: {e}")))?;
+                    pos += l as u64;
+                    props.push(parse_entry(&entry).map_err(bad)?);
+                    0
+                } else {
+                    l
+                }
+            }
+            w => return Err(bad(format!("wire type {w} at byte {pos}"))),
+        };
+        if skip > 0 {
+            let off = i64::try_from(skip).map_err(|_| bad("field too long".into()))?;
+            r.seek_relative(off)
+                .map_err(|e| bad(format!("cannot skip a field: {e}")))?;
+            pos += skip;
+        }
+    }
+    if pos != len {
+        return Err(bad("a field runs past the end of the file".into()));
+    }
+    Ok(props)
+}
+
+fn read_varint(r: &mut impl Read) -> std::result::Result<(u64, u64), String> {
+    let mut value = 0u64;
+    for i in 0..10u64 {
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b)
+            .map_err(|e| format!("truncated varint: {e}"))?;
+        value |= u64::from(b[0] & 0x7f) << (7 * i);
+        if b[0] & 0x80 == 0 {
+            return Ok((value, i + 1));
+        }
+    }
+    Err("varint longer than 10 bytes".into())
+}
+
+/// `StringStringEntryProto` → (key, value).
+fn parse_entry(mut b: &[u8]) -> std::result::Result<(String, String), String> {
+    let (mut key, mut value) = (String::new(), String::new());
+    while !b.is_empty() {
+        let (tag, _) = read_varint(&mut b)?;
+        if tag & 7 != 2 {
+            return Err(format!("metadata entry field with wire type {}", tag & 7));
+        }
+        let (l, _) = read_varint(&mut b)?;
+        let l = usize::try_from(l).map_err(|_| "entry too long".to_string())?;
+        if l > b.len() {
+            return Err("metadata entry runs past its end".into());
+        }
+        let text = String::from_utf8(b[..l].to_vec())
+            .map_err(|_| "metadata entry is not UTF-8".to_string())?;
+        match tag >> 3 {
+            1 => key = text,
+            2 => value = text,
+            _ => {}
+        }
+        b = &b[l..];
+    }
+    Ok((key, value))
 }
 
 impl ModelFiles {
@@ -274,6 +466,82 @@ pub fn check_session(meta: &ModelMetadata, session: &Session, where_: &str) -> R
 mod tests {
     use super::*;
     use virnuc_core::{ModelConfig, ModelFamily, ModelSource, Pooling, TokenizerSpec, alphabet};
+
+    /// A protobuf field: tag (field << 3 | wire type) and payload, encoded by hand.
+    fn field(number: u64, wire: u64, payload: &[u8]) -> Vec<u8> {
+        fn varint(mut v: u64, out: &mut Vec<u8>) {
+            loop {
+                let b = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    out.push(b);
+                    return;
+                }
+                out.push(b | 0x80);
+            }
+        }
+        let mut out = Vec::new();
+        varint(number << 3 | wire, &mut out);
+        if wire == 2 {
+            varint(payload.len() as u64, &mut out);
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn metadata_props_are_found_past_a_large_graph_field() {
+        let entry = |k: &str, v: &str| {
+            let mut e = field(1, 2, k.as_bytes());
+            e.extend(field(2, 2, v.as_bytes()));
+            field(14, 2, &e)
+        };
+        let mut bytes = field(1, 0, &[8]); // ir_version 8
+        bytes.extend(field(7, 2, &vec![0xAB; 300_000])); // "graph": skipped by length
+        bytes.extend(entry("other", "x"));
+        bytes.extend(field(5, 0, &[1])); // model_version
+        bytes.extend(entry(METADATA_KEY, r#"{"a": 1}"#));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, &bytes).expect("write");
+        let props = onnx_metadata_props(&path).expect("parses");
+        assert_eq!(
+            props,
+            vec![
+                ("other".to_string(), "x".to_string()),
+                (METADATA_KEY.to_string(), r#"{"a": 1}"#.to_string())
+            ]
+        );
+        // Cut inside the graph field: refused, not read as "no metadata".
+        std::fs::write(&path, &bytes[..1000]).expect("write");
+        assert!(onnx_metadata_props(&path).is_err());
+    }
+
+    #[test]
+    fn an_edited_model_json_field_is_named() {
+        let onnx = Path::new("m.onnx");
+        let embedded = r#"{"model": {"name": "esm2_t6_8M", "hidden_size": 320}, "random_weights": true, "inputs": [{"name": "a"}]}"#;
+        let same = r#"{"inputs": [{"name": "a"}], "random_weights": true, "onnx_sha256": "ab", "engine": {}, "model": {"hidden_size": 320, "name": "esm2_t6_8M"}}"#;
+        check_embedded_metadata(same, Some(embedded), "model.json", onnx).expect("same");
+        for (edited, field) in [
+            (same.replace("true", "false"), "random_weights"),
+            (same.replace("esm2_t6_8M", "esm2_t36_3B"), "model.name"),
+            (
+                same.replace(r#"[{"name": "a"}]"#, r#"[{"name": "b"}]"#),
+                "inputs[0].name",
+            ),
+            (
+                same.replace(r#""random_weights": true, "#, ""),
+                "random_weights",
+            ),
+        ] {
+            let e = check_embedded_metadata(&edited, Some(embedded), "model.json", onnx)
+                .expect_err("edited");
+            assert!(e.to_string().contains(&format!("`{field}`")), "{e}");
+        }
+        let e = check_embedded_metadata(same, None, "model.json", onnx).expect_err("old export");
+        assert!(e.to_string().contains("re-export"), "{e}");
+    }
 
     fn spec(name: &str, dtype: &str, shape: &[&str]) -> TensorSpec {
         TensorSpec {

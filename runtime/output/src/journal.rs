@@ -7,7 +7,7 @@
 use crate::OutputError;
 use std::path::Path;
 
-pub(crate) const HEADER: &str = "virnuc-output journal 1";
+pub(crate) const HEADER: &str = "virnuc-output journal 2";
 
 /// One journaled shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,13 +17,20 @@ pub(crate) struct Entry {
     pub token_rows: u64,
     pub payload_len: u64,
     pub payload_crc: u32,
+    /// Digest of the input the shard's rows were computed from (see `shard::combine`).
+    pub digest: u64,
 }
 
 impl Entry {
     pub fn to_line(&self) -> String {
         let body = format!(
-            "{} records={} tokens={} bytes={} crc={:08x}",
-            self.name, self.records, self.token_rows, self.payload_len, self.payload_crc
+            "{} records={} tokens={} bytes={} crc={:08x} digest={:016x}",
+            self.name,
+            self.records,
+            self.token_rows,
+            self.payload_len,
+            self.payload_crc,
+            self.digest
         );
         let check = crc32fast::hash(body.as_bytes());
         format!("{body} check={check:08x}\n")
@@ -46,6 +53,7 @@ impl Entry {
         let token_rows = field("tokens=")?.parse().ok()?;
         let payload_len = field("bytes=")?.parse().ok()?;
         let payload_crc = u32::from_str_radix(&field("crc=")?, 16).ok()?;
+        let digest = u64::from_str_radix(&field("digest=")?, 16).ok()?;
         // Names are ours (`shard-N.bin`); anything else would let a damaged journal point elsewhere.
         if !valid_shard_name(&name) {
             return None;
@@ -56,6 +64,7 @@ impl Entry {
             token_rows,
             payload_len,
             payload_crc,
+            digest,
         })
     }
 }
@@ -126,6 +135,7 @@ mod tests {
             token_rows: 9,
             payload_len: 1234,
             payload_crc: 0xdead_beef,
+            digest: 0x0123_4567_89ab_cdef,
         };
         let line = entry.to_line();
         assert_eq!(

@@ -132,9 +132,10 @@ pub enum OutputError {
     )]
     Exists { path: PathBuf },
     #[error(
-        "an interrupted run left {work}; pass --resume to continue it, or delete it to start over"
+        "an interrupted run left {work} ({done}); pass --resume to continue it, or delete it to \
+         start over"
     )]
-    PartialExists { work: PathBuf },
+    PartialExists { work: PathBuf, done: String },
     #[error("{path} is already complete; nothing to resume")]
     AlreadyComplete { path: PathBuf },
     #[error(
@@ -159,8 +160,31 @@ pub enum OutputError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{work} is in use by another virnuc-trt process")]
-    Locked { work: PathBuf },
+    #[error(
+        "{work} is in use by a running virnuc-trt ({owner}): wait for it to finish or stop it; \
+         to run alongside it, choose another --out"
+    )]
+    Locked { work: PathBuf, owner: String },
+    #[error(
+        "cannot resume {work}: the input is not the one the interrupted run read: {message}; run \
+         again with the original input, or delete {work} to start over"
+    )]
+    InputChanged {
+        work: PathBuf,
+        message: String,
+        /// The caller's tag of the first differing sequence (its input file), when known.
+        tag: Option<u32>,
+    },
+    #[error(
+        "cannot write the final file: {source}; the {sequences} sequences embedded are kept in \
+         {work}: free space (or fix the cause) and run the same command with --resume"
+    )]
+    Finish {
+        work: PathBuf,
+        sequences: u64,
+        #[source]
+        source: Box<OutputError>,
+    },
     #[error(
         "cannot resume {work}: {what} differs from the interrupted run; delete it to start over"
     )]
@@ -175,7 +199,10 @@ pub enum OutputError {
     },
     #[error("shard {path} is corrupt: {message}")]
     CorruptShard { path: PathBuf, message: String },
-    #[error("journal {path} is corrupt: {message}")]
+    #[error(
+        "journal {path} is corrupt: {message}; the work in its folder cannot be trusted: delete the \
+         folder to start over"
+    )]
     CorruptJournal { path: PathBuf, message: String },
     #[error("pack does not match the output: {message}")]
     Pack { message: String },
@@ -236,7 +263,7 @@ struct Settings {
     attributes: Vec<(String, String)>,
 }
 
-const SETTINGS_FORMAT: &str = "virnuc-output/2";
+const SETTINGS_FORMAT: &str = "virnuc-output/3";
 const SETTINGS: &str = "settings.json";
 const JOURNAL: &str = "journal";
 const LOCK: &str = "lock";
@@ -256,6 +283,10 @@ pub struct EmbeddingWriter {
     /// Durable from earlier runs, for [`EmbeddingWriter::done`].
     done: Arc<ranges::IndexSnapshot>,
     shards: Vec<journal::Entry>,
+    /// How many of `shards` come from earlier runs (the rest were written by this one).
+    earlier_shards: usize,
+    /// The check of the re-read input against the kept shards (resume).
+    input_check: Arc<InputCheck>,
     pending: Pending,
     next_shard: u64,
     resume_info: ResumeInfo,
@@ -387,9 +418,6 @@ impl EmbeddingWriter {
             attributes: config.attributes.clone(),
         };
         let fresh = !work.exists();
-        if !fresh && !config.resume {
-            return Err(OutputError::PartialExists { work });
-        }
         if fresh {
             std::fs::create_dir(&work).map_err(|source| OutputError::Unwritable {
                 path: work.clone(),
@@ -397,27 +425,15 @@ impl EmbeddingWriter {
             })?;
             sync_dir(&parent)?;
         }
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(work.join(LOCK))
-            .map_err(|source| OutputError::Unwritable {
-                path: work.join(LOCK),
-                source,
-            })?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(OutputError::Locked { work });
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(OutputError::Io {
-                    path: work.join(LOCK),
-                    source,
-                });
-            }
+        // The lock first: a folder in use by a live run is that run's, whatever else is true.
+        let mut lock = take_lock(&work)?;
+        if !fresh && !config.resume {
+            return Err(OutputError::PartialExists {
+                done: describe_work(&work),
+                work,
+            });
         }
+        write_owner(&mut lock, &work)?;
 
         let settings_path = work.join(SETTINGS);
         let journal_path = work.join(JOURNAL);
@@ -444,15 +460,17 @@ impl EmbeddingWriter {
         let mut resume_info = ResumeInfo::default();
         let mut seen = IndexSet::new();
         let mut shards = Vec::new();
+        let mut check = InputCheck::new(work.clone(), layout);
         let mut next_shard = 0u64;
         let mut kept_names = std::collections::HashSet::new();
         for entry in earlier.entries {
             let shard_path = work.join(&entry.name);
             next_shard = next_shard.max(journal::shard_number(&entry.name).unwrap_or(0) + 1);
             match verify_shard(&shard_path, layout, &entry, &mut seen) {
-                Ok(()) => {
+                Ok(runs) => {
                     resume_info.sequences_done += entry.records;
                     kept_names.insert(entry.name.clone());
+                    check.add_shard(&entry, &runs);
                     shards.push(entry);
                 }
                 Err(OutputError::Duplicate { index, id }) => {
@@ -519,6 +537,7 @@ impl EmbeddingWriter {
             .open(&journal_path)
             .map_err(io_err(&journal_path))?;
         let done = Arc::new(seen.snapshot());
+        check.seal();
         Ok(Self {
             config,
             layout,
@@ -527,6 +546,8 @@ impl EmbeddingWriter {
             _lock: lock,
             seen,
             done,
+            earlier_shards: shards.len(),
+            input_check: Arc::new(check),
             shards,
             pending: Pending::default(),
             next_shard,
@@ -543,6 +564,17 @@ impl EmbeddingWriter {
         Arc::new(move |index| done.contains(index))
     }
 
+    /// The check that a resumed run re-reads the input the kept shards were computed from: feed it
+    /// every sequence the reader passes over ([`InputCheck::check`]), then [`InputCheck::finish`].
+    pub fn input_check(&self) -> Arc<InputCheck> {
+        Arc::clone(&self.input_check)
+    }
+
+    /// Sequences durable in the working folder: kept from earlier runs and flushed by this one.
+    pub fn sequences_durable(&self) -> u64 {
+        self.shards.iter().map(|e| e.records).sum()
+    }
+
     /// What the earlier run left and what was kept.
     pub fn resume_info(&self) -> &ResumeInfo {
         &self.resume_info
@@ -556,13 +588,41 @@ impl EmbeddingWriter {
     /// Buffers one pack: `mean` is `B × H` row-major for the pack's `B` sequences; `token_states` is
     /// the pack's `[T, H]` per-token states with its `cu_seqlens` (`<cls>` and `<eos>` included; they
     /// are dropped). Token states are ignored unless the output was opened with `per_token`.
+    ///
+    /// Each row's input digest is taken from its id and length only; a caller that has the tokens
+    /// uses [`EmbeddingWriter::write_pack_with_digests`], so that a resume can check the input.
     pub fn write_pack(
         &mut self,
         sequences: &[SequenceMeta],
         mean: &[f32],
         token_states: Option<(&[f32], &[i32])>,
     ) -> Result<(), OutputError> {
+        let digests: Vec<u64> = sequences
+            .iter()
+            .map(|m| virnuc_core::sequence_digest(&m.id, [m.residues]))
+            .collect();
+        self.write_pack_with_digests(sequences, &digests, mean, token_states)
+    }
+
+    /// [`EmbeddingWriter::write_pack`] with each sequence's input digest
+    /// ([`virnuc_core::sequence_digest`] of its id and tokens).
+    pub fn write_pack_with_digests(
+        &mut self,
+        sequences: &[SequenceMeta],
+        digests: &[u64],
+        mean: &[f32],
+        token_states: Option<(&[f32], &[i32])>,
+    ) -> Result<(), OutputError> {
         let h = self.layout.hidden;
+        if digests.len() != sequences.len() {
+            return Err(OutputError::Pack {
+                message: format!(
+                    "{} digests for {} sequences",
+                    digests.len(),
+                    sequences.len()
+                ),
+            });
+        }
         let b = sequences.len();
         if mean.len() != b * h {
             return Err(OutputError::Pack {
@@ -621,14 +681,7 @@ impl EmbeddingWriter {
                 }
                 None => None,
             };
-            self.pending.push(
-                seq.index,
-                seq.record,
-                seq.residues,
-                &seq.id,
-                &self.mean_buf,
-                tokens,
-            );
+            self.pending.push(seq, digests[i], &self.mean_buf, tokens);
             if self.pending.len() >= self.config.shard_sequences
                 || self.pending.bytes() >= MAX_SHARD_BYTES
             {
@@ -648,7 +701,15 @@ impl EmbeddingWriter {
         self.next_shard += 1;
         let tmp = self.work.join(format!("{name}.tmp"));
         let path = self.work.join(&name);
-        let header = self.pending.write_to(&tmp, self.layout)?;
+        let digest = self.pending.digest();
+        let header = match self.pending.write_to(&tmp, self.layout) {
+            Ok(h) => h,
+            Err(e) => {
+                // A full disk leaves no half shard holding the space.
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
         sync_dir(&self.work)?;
         let entry = journal::Entry {
@@ -657,6 +718,7 @@ impl EmbeddingWriter {
             token_rows: header.token_rows,
             payload_len: header.payload_len,
             payload_crc: header.payload_crc,
+            digest,
         };
         let journal_path = self.work.join(JOURNAL);
         // One write call per line: a kill leaves the line whole or torn, and a torn line is ignored.
@@ -670,8 +732,76 @@ impl EmbeddingWriter {
 
     /// Flushes, checks that exactly the indices `0..expected_sequences` were written, merges the
     /// shards into the final file (temp name, then atomic rename) and removes the working files.
+    ///
+    /// When writing the final file fails (a full disk), its temp file and the merge scratch are
+    /// removed and the shards stay: [`OutputError::Finish`] says to run again with `resume`.
     pub fn finish(mut self, expected_sequences: u64) -> Result<FinishSummary, OutputError> {
         self.flush()?;
+        let scratch = self.work.join(SCRATCH);
+        let mut tmp_name = self
+            .config
+            .path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        tmp_name.push(".tmp");
+        let tmp = self.work.join(tmp_name);
+        match self.finish_inner(expected_sequences, &scratch, &tmp) {
+            Ok(summary) => Ok(summary),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_dir_all(&scratch);
+                match e {
+                    e @ (OutputError::Missing { .. } | OutputError::OutOfRange { .. }) => Err(e),
+                    e => Err(OutputError::Finish {
+                        work: self.work.clone(),
+                        sequences: self.sequences_durable(),
+                        source: Box::new(e),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Stops a run that failed: flushes what is buffered (the work done so far stays for a
+    /// `resume`), or removes the working folder when nothing at all is durable in it. Returns the
+    /// sequences kept.
+    pub fn stop(mut self) -> u64 {
+        let _ = self.flush();
+        let kept = self.sequences_durable();
+        if kept == 0 {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+        kept
+    }
+
+    /// Stops a resumed run whose input turned out not to be the interrupted run's: the shards this
+    /// run wrote are removed and the journal lists only the earlier ones, so the working folder
+    /// is as the interrupted run left it.
+    pub fn abandon(mut self) -> Result<(), OutputError> {
+        self.pending = Pending::default();
+        let earlier: Vec<journal::Entry> = self.shards[..self.earlier_shards].to_vec();
+        let mut text = format!("{}\n", journal::HEADER);
+        for entry in &earlier {
+            text.push_str(&entry.to_line());
+        }
+        write_atomic(&self.work, JOURNAL, text.as_bytes())?;
+        for entry in &self.shards[self.earlier_shards..] {
+            let p = self.work.join(&entry.name);
+            std::fs::remove_file(&p).map_err(io_err(&p))?;
+        }
+        if earlier.is_empty() {
+            std::fs::remove_dir_all(&self.work).map_err(io_err(&self.work))?;
+        }
+        Ok(())
+    }
+
+    fn finish_inner(
+        &mut self,
+        expected_sequences: u64,
+        scratch: &Path,
+        tmp: &Path,
+    ) -> Result<FinishSummary, OutputError> {
         if let Some(max) = self.seen.max()
             && max >= expected_sequences
         {
@@ -687,39 +817,30 @@ impl EmbeddingWriter {
                 expected: expected_sequences,
             });
         }
-        let scratch = self.work.join(SCRATCH);
         if scratch.exists() {
-            std::fs::remove_dir_all(&scratch).map_err(io_err(&scratch))?;
+            std::fs::remove_dir_all(scratch).map_err(io_err(scratch))?;
         }
-        std::fs::create_dir(&scratch).map_err(io_err(&scratch))?;
+        std::fs::create_dir(scratch).map_err(io_err(scratch))?;
         let shard_paths: Vec<PathBuf> = self
             .shards
             .iter()
             .map(|e| self.work.join(&e.name))
             .collect();
         let token_rows: u64 = self.shards.iter().map(|e| e.token_rows).sum();
-        let runs = merge::reduce(shard_paths, &scratch, self.layout)?;
-        let mut tmp_name = self
-            .config
-            .path
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        tmp_name.push(".tmp");
-        let tmp = self.work.join(tmp_name);
+        let runs = merge::reduce(shard_paths, scratch, self.layout)?;
         let written = merge::write_final(
-            &tmp,
+            tmp,
             &runs,
             self.layout,
             &self.config.attributes,
             expected_sequences,
             token_rows,
         )?;
-        File::open(&tmp)
+        File::open(tmp)
             .and_then(|f| f.sync_all())
-            .map_err(io_err(&tmp))?;
+            .map_err(io_err(tmp))?;
         let path = self.config.path.clone();
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        std::fs::rename(tmp, &path).map_err(io_err(&path))?;
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -845,7 +966,7 @@ fn verify_shard(
     layout: Layout,
     entry: &journal::Entry,
     seen: &mut IndexSet,
-) -> Result<(), OutputError> {
+) -> Result<Vec<(u64, u64)>, OutputError> {
     let reader = ShardReader::open(path, layout, 1 << 20)?;
     if reader.header.records != entry.records
         || reader.header.payload_len != entry.payload_len
@@ -862,7 +983,9 @@ fn verify_shard(
     let mut duplicate = None;
     let mut in_order = true;
     let mut last = None;
+    let mut digest = 0u64;
     reader.scan(|head| {
+        digest = shard::combine(digest, head.index, head.digest);
         if last.is_some_and(|l| head.index <= l) {
             in_order = false;
         }
@@ -880,9 +1003,247 @@ fn verify_shard(
     if let Some((index, id)) = duplicate {
         return Err(OutputError::Duplicate { index, id });
     }
-    for (start, end) in mine.runs() {
+    if digest != entry.digest {
+        return Err(OutputError::CorruptShard {
+            path: path.to_path_buf(),
+            message: "input digests differ from its journal line".into(),
+        });
+    }
+    let runs: Vec<(u64, u64)> = mine.runs().collect();
+    for &(start, end) in &runs {
         seen.insert_run(start, end)
             .map_err(|index| OutputError::Internal(format!("index {index} checked twice")))?;
     }
-    Ok(())
+    Ok(runs)
+}
+
+/// Opens and takes the working folder's lock file; a lock held by a live run names its owner.
+fn take_lock(work: &Path) -> Result<File, OutputError> {
+    let path = work.join(LOCK);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|source| OutputError::Unwritable {
+            path: path.clone(),
+            source,
+        })?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let owner = std::fs::read_to_string(&path)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| "owner unknown".into());
+            Err(OutputError::Locked {
+                work: work.to_path_buf(),
+                owner,
+            })
+        }
+        Err(std::fs::TryLockError::Error(source)) => Err(OutputError::Io { path, source }),
+    }
+}
+
+/// Records who holds the lock (`pid N on HOST`), for the message another run gets.
+fn write_owner(lock: &mut File, work: &Path) -> Result<(), OutputError> {
+    use std::io::Seek;
+    let path = work.join(LOCK);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "this host".into());
+    let text = format!("pid {} on {host}\n", std::process::id());
+    lock.set_len(0)
+        .and_then(|()| lock.seek(std::io::SeekFrom::Start(0)).map(|_| ()))
+        .and_then(|()| lock.write_all(text.as_bytes()))
+        .map_err(io_err(&path))
+}
+
+/// What an interrupted run's working folder holds, for the message of a run without `resume`.
+fn describe_work(work: &Path) -> String {
+    match journal::read(&work.join(JOURNAL)) {
+        Ok(parsed) => {
+            let n: u64 = parsed.entries.iter().map(|e| e.records).sum();
+            format!(
+                "{n} sequences done in {} shards, not in use by any running process",
+                parsed.entries.len()
+            )
+        }
+        Err(_) => "no usable journal, not in use by any running process".into(),
+    }
+}
+
+/// A resumed run's check that it re-reads the input the kept shards were computed from.
+///
+/// Every kept shard's journal line holds the combined digest of its rows' inputs. The caller
+/// feeds each sequence it passes over ([`InputCheck::check`], in any order); when all of a shard's
+/// sequences have been seen, their digest must equal the journaled one. On a mismatch the shard
+/// file is read once more to name the first sequence that differs. Memory: the ids of the shards
+/// being checked, a few at a time (packs are made from a sliding window of the input).
+#[derive(Debug)]
+pub struct InputCheck {
+    work: PathBuf,
+    layout: Layout,
+    /// (first index, end index, shard slot), sorted by first index.
+    runs: Vec<(u64, u64, usize)>,
+    state: std::sync::Mutex<CheckState>,
+}
+
+#[derive(Debug, Default)]
+struct CheckState {
+    shards: Vec<ShardCheck>,
+    verified: usize,
+    failed: bool,
+}
+
+#[derive(Debug)]
+struct ShardCheck {
+    name: String,
+    records: u64,
+    digest: u64,
+    seen: u64,
+    sum: u64,
+    /// (index, digest, id, tag) seen so far, for the message of a mismatch; dropped once
+    /// verified.
+    observed: Vec<(u64, u64, String, u32)>,
+}
+
+impl InputCheck {
+    fn new(work: PathBuf, layout: Layout) -> Self {
+        Self {
+            work,
+            layout,
+            runs: Vec::new(),
+            state: Default::default(),
+        }
+    }
+
+    fn add_shard(&mut self, entry: &journal::Entry, runs: &[(u64, u64)]) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let slot = state.shards.len();
+        state.shards.push(ShardCheck {
+            name: entry.name.clone(),
+            records: entry.records,
+            digest: entry.digest,
+            seen: 0,
+            sum: 0,
+            observed: Vec::new(),
+        });
+        self.runs.extend(runs.iter().map(|&(a, b)| (a, b, slot)));
+    }
+
+    fn seal(&mut self) {
+        self.runs.sort_unstable();
+    }
+
+    fn slot(&self, index: u64) -> Option<usize> {
+        let at = self.runs.partition_point(|r| r.0 <= index);
+        let (_, end, slot) = *self.runs.get(at.checked_sub(1)?)?;
+        (index < end).then_some(slot)
+    }
+
+    /// Whether an earlier run already wrote output index `index`.
+    pub fn is_done(&self, index: u64) -> bool {
+        self.slot(index).is_some()
+    }
+
+    /// Sequences the kept shards hold.
+    pub fn sequences_done(&self) -> u64 {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.shards.iter().map(|s| s.records).sum()
+    }
+
+    /// Notes sequence `index` (`id`, input digest `digest`, the caller's `tag`: its input file)
+    /// as re-read now. Returns whether it is done already; an error when it completes a shard
+    /// whose input differs (naming the first differing sequence, with its tag).
+    pub fn check(&self, index: u64, id: &str, digest: u64, tag: u32) -> Result<bool, OutputError> {
+        let Some(slot) = self.slot(index) else {
+            return Ok(false);
+        };
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.failed {
+            return Ok(true);
+        }
+        let shard = &mut state.shards[slot];
+        shard.seen += 1;
+        shard.sum = shard::combine(shard.sum, index, digest);
+        shard.observed.push((index, digest, id.to_string(), tag));
+        if shard.seen < shard.records {
+            return Ok(true);
+        }
+        if shard.seen == shard.records && shard.sum == shard.digest {
+            shard.observed = Vec::new();
+            state.verified += 1;
+            return Ok(true);
+        }
+        state.failed = true;
+        let observed = std::mem::take(&mut state.shards[slot].observed);
+        let name = state.shards[slot].name.clone();
+        Err(self.explain(&name, &observed))
+    }
+
+    /// After the last sequence: every kept shard must have been seen whole.
+    pub fn finish(&self) -> Result<(), OutputError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.failed || state.verified == state.shards.len() {
+            return Ok(());
+        }
+        state.failed = true;
+        let Some(slot) = state.shards.iter().position(|s| s.seen != s.records) else {
+            return Ok(());
+        };
+        let observed = std::mem::take(&mut state.shards[slot].observed);
+        let name = state.shards[slot].name.clone();
+        Err(self.explain(&name, &observed))
+    }
+
+    /// Names the first sequence of shard `name` whose input differs from what was `observed`.
+    fn explain(&self, name: &str, observed: &[(u64, u64, String, u32)]) -> OutputError {
+        let path = self.work.join(name);
+        let mut now: std::collections::HashMap<u64, (u64, &str, u32)> = observed
+            .iter()
+            .map(|(i, d, id, t)| (*i, (*d, id.as_str(), *t)))
+            .collect();
+        let mut tag = None;
+        let mut first: Option<String> = None;
+        let scanned = ShardReader::open(&path, self.layout, 1 << 20).and_then(|r| {
+            r.scan(|head| {
+                if first.is_some() {
+                    return;
+                }
+                let seen = now.remove(&head.index);
+                tag = seen.map(|s| s.2);
+                first = match seen {
+                    None => Some(format!(
+                        "the input ends before sequence {} (`{}`), which the interrupted run \
+                         embedded",
+                        head.index, head.id
+                    )),
+                    Some((_, id, _)) if id != head.id => Some(format!(
+                        "sequence {} is `{id}` now but was `{}` (records reordered, inserted or \
+                         removed)",
+                        head.index, head.id
+                    )),
+                    Some((d, id, _)) if d != head.digest => Some(format!(
+                        "sequence {} (`{id}`) has other residues than when it was embedded (the \
+                         record was edited)",
+                        head.index
+                    )),
+                    Some(_) => None,
+                }
+            })
+        });
+        let message = match (first, scanned) {
+            (Some(m), _) => m,
+            (None, Err(e)) => format!("cannot read back {}: {e}", path.display()),
+            (None, Ok(_)) => format!("the sequences of {} differ", path.display()),
+        };
+        OutputError::InputChanged {
+            work: self.work.clone(),
+            message,
+            tag,
+        }
+    }
 }

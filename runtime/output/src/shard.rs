@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! header, 48 bytes
-//!   0..8    magic  b"VNUCSHD2"
+//!   0..8    magic  b"VNUCSHD3"
 //!   8..12   hidden size H (u32)
 //!   12      element type: 0 = f32, 1 = f16
 //!   13      per-token states present: 0 | 1
@@ -20,9 +20,13 @@
 //!   40..44  CRC-32 of the payload
 //!   44..48  CRC-32 of bytes 0..44
 //! payload: records sorted by index, each
-//!   index u64 | input record u64 | residues u32 | id length u32 | id (UTF-8) | mean [H]
-//!   | token states [residues, H]
+//!   index u64 | input record u64 | residues u32 | id length u32 | input digest u64 | id (UTF-8)
+//!   | mean [H] | token states [residues, H]
 //! ```
+//!
+//! The input digest is [`virnuc_core::sequence_digest`] of the sequence the row was computed from;
+//! the journal line of a shard holds [`combine`] over its records, so a resume can check that it
+//! re-reads the same input without keeping per-sequence state.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -30,10 +34,18 @@ use std::path::{Path, PathBuf};
 
 use crate::{OutputDtype, OutputError};
 
-pub(crate) const MAGIC: &[u8; 8] = b"VNUCSHD2";
+pub(crate) const MAGIC: &[u8; 8] = b"VNUCSHD3";
 pub(crate) const HEADER_LEN: u64 = 48;
 /// Fixed part of a record before the id.
-const RECORD_HEAD: usize = 24;
+const RECORD_HEAD: usize = 32;
+
+/// One record's contribution to its shard's digest: order-independent (a wrapping sum of mixed
+/// terms), since packs reach a shard in any order.
+pub(crate) fn combine(sum: u64, index: u64, digest: u64) -> u64 {
+    sum.wrapping_add(crate::synthetic::splitmix64(
+        digest ^ crate::synthetic::splitmix64(index),
+    ))
+}
 
 /// What every shard of one output shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +136,8 @@ pub(crate) struct Pending {
     /// (index, byte offset, byte length) of each record in `data`.
     records: Vec<(u64, usize, usize)>,
     token_rows: u64,
+    /// [`combine`] over the records so far.
+    digest: u64,
 }
 
 impl Pending {
@@ -139,23 +153,30 @@ impl Pending {
         self.records.is_empty()
     }
 
-    /// Appends one record; `mean` and `tokens` are already encoded little-endian in the output dtype.
+    /// The shard digest of the buffered records.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// Appends one record (`seq`'s index, record, residues and id, with its input `digest`); `mean`
+    /// and `tokens` are already encoded little-endian in the output dtype.
     pub fn push(
         &mut self,
-        index: u64,
-        record: u64,
-        residues: u32,
-        id: &str,
+        seq: &virnuc_core::SequenceMeta,
+        digest: u64,
         mean: &[u8],
         tokens: Option<&[u8]>,
     ) {
+        let (index, record, residues, id) = (seq.index, seq.record, seq.residues, seq.id.as_str());
         let start = self.data.len();
         self.data.extend_from_slice(&index.to_le_bytes());
         self.data.extend_from_slice(&record.to_le_bytes());
         self.data.extend_from_slice(&residues.to_le_bytes());
         self.data
             .extend_from_slice(&(id.len() as u32).to_le_bytes());
+        self.data.extend_from_slice(&digest.to_le_bytes());
         self.data.extend_from_slice(id.as_bytes());
+        self.digest = combine(self.digest, index, digest);
         self.data.extend_from_slice(mean);
         if let Some(tokens) = tokens {
             self.data.extend_from_slice(tokens);
@@ -193,6 +214,7 @@ impl Pending {
         self.data.clear();
         self.records.clear();
         self.token_rows = 0;
+        self.digest = 0;
         Ok(header)
     }
 }
@@ -205,6 +227,8 @@ pub(crate) struct RecordHead {
     pub record: u64,
     pub residues: u32,
     pub id: String,
+    /// Input digest of the sequence ([`virnuc_core::sequence_digest`]).
+    pub digest: u64,
 }
 
 /// Streams a shard's records in order, checking the payload CRC at the end ([`ShardReader::finish`]).
@@ -296,6 +320,8 @@ impl ShardReader {
         let record = u64::from_le_bytes(x);
         let residues = u32::from_le_bytes([fixed[16], fixed[17], fixed[18], fixed[19]]);
         let id_len = u32::from_le_bytes([fixed[20], fixed[21], fixed[22], fixed[23]]) as usize;
+        x.copy_from_slice(&fixed[24..32]);
+        let digest = u64::from_le_bytes(x);
         let mut id = vec![0u8; id_len];
         self.read_exact(&mut id)?;
         let id = String::from_utf8(id)
@@ -313,6 +339,7 @@ impl ShardReader {
             record,
             residues,
             id,
+            digest,
         }))
     }
 
@@ -462,6 +489,7 @@ impl StreamWriter {
         fixed.extend_from_slice(&head.record.to_le_bytes());
         fixed.extend_from_slice(&head.residues.to_le_bytes());
         fixed.extend_from_slice(&(head.id.len() as u32).to_le_bytes());
+        fixed.extend_from_slice(&head.digest.to_le_bytes());
         fixed.extend_from_slice(head.id.as_bytes());
         let mut counting = Counting {
             inner: &mut self.out,
@@ -534,7 +562,8 @@ mod tests {
             };
             for &i in &indices {
                 let (residues, id, mean, tokens) = record(i);
-                pending.push(i, i / 2, residues, &id, &mean, per_token.then_some(&tokens[..]));
+                let seq = virnuc_core::SequenceMeta { index: i, record: i / 2, id: id.clone(), residues };
+                pending.push(&seq, i ^ 7, &mean, per_token.then_some(&tokens[..]));
             }
             pending.write_to(&path, l).expect("written");
             prop_assert!(pending.is_empty());
@@ -543,7 +572,7 @@ mod tests {
             for &i in &indices {
                 let head = reader.next_record().expect("reads").expect("a record");
                 let (residues, id, mean, tokens) = record(i);
-                prop_assert_eq!(&head, &RecordHead { index: i, record: i / 2, residues, id });
+                prop_assert_eq!(&head, &RecordHead { index: i, record: i / 2, residues, id, digest: i ^ 7 });
                 let mut m = vec![0u8; l.row_bytes()];
                 let mut t = vec![0u8; if per_token { tokens.len() } else { 0 }];
                 reader.read_payload(&mut m, &mut t).expect("payload");
@@ -564,7 +593,13 @@ mod tests {
         let l = layout(false);
         let mut pending = Pending::default();
         for i in 0..10 {
-            pending.push(i, i, 1, "x", &[1u8; 12], None);
+            let seq = virnuc_core::SequenceMeta {
+                index: i,
+                record: i,
+                id: "x".into(),
+                residues: 1,
+            };
+            pending.push(&seq, 0, &[1u8; 12], None);
         }
         pending.write_to(&path, l).expect("written");
         let good = std::fs::read(&path).expect("read");

@@ -21,6 +21,10 @@ const N: u64 = 6000;
 const HIDDEN: usize = 16;
 
 fn driver(out: &Path, resume: bool) -> Command {
+    driver_with(out, resume, &[])
+}
+
+fn driver_with(out: &Path, resume: bool, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_virnuc-output-synth"));
     cmd.arg("--out")
         .arg(out)
@@ -42,6 +46,7 @@ fn driver(out: &Path, resume: bool) -> Command {
     if resume {
         cmd.arg("--resume");
     }
+    cmd.args(extra);
     cmd
 }
 
@@ -157,6 +162,23 @@ fn twenty_kills_at_random_points_then_resume_gives_the_uninterrupted_file() {
         }
     }
     eprintln!("durable sequences at each restart: {durable:?}");
+    // A resume over an edited input is refused before it writes anything, names the sequence,
+    // and leaves the working files as they were: the next resume continues the same work.
+    if !completed {
+        let journal = dir.path().join("out.h5.partial/journal");
+        let before = std::fs::read(&journal).expect("journal");
+        let o = driver_with(&out, true, &["--edit-first-done"])
+            .output()
+            .expect("driver runs");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "{stderr}");
+        assert!(
+            stderr.contains("the input is not the one") && stderr.contains("was edited"),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read(&journal).expect("journal"), before);
+        assert!(!out.exists());
+    }
     assert!(
         durable.windows(2).all(|w| w[0] <= w[1]),
         "durable work was lost"
@@ -209,4 +231,73 @@ fn twenty_kills_at_random_points_then_resume_gives_the_uninterrupted_file() {
         "killed-and-resumed output differs from the uninterrupted one"
     );
     common::h5py_check(&out, N, HIDDEN, OutputDtype::F32, true);
+}
+
+/// A full disk while the final file is written (here: a file-size limit, so that shards fit and
+/// the final file does not): the temp file and the merge scratch go, the shards stay, and
+/// `--resume` then finishes the same file as an uninterrupted run.
+#[test]
+fn finish_failure_removes_its_temp_file_and_keeps_the_shards() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = |out: &Path| {
+        vec![
+            "--out".to_string(),
+            out.display().to_string(),
+            "--n".into(),
+            "2000".into(),
+            "--hidden".into(),
+            "16".into(),
+            "--per-token".into(),
+            "--shard".into(),
+            "100".into(),
+        ]
+    };
+    let reference = dir.path().join("reference.h5");
+    let o = Command::new(env!("CARGO_BIN_EXE_virnuc-output-synth"))
+        .args(args(&reference))
+        .output()
+        .expect("driver runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let size = std::fs::metadata(&reference).expect("reference").len();
+    let out = dir.path().join("out.h5");
+    // 1 KiB blocks: shards (~130 KB) fit, the final file (`size`) does not. SIGXFSZ ignored, so
+    // the write fails with an error as on a full disk.
+    let limit = size / 1024 / 2;
+    let script = format!("ulimit -f {limit}; trap '' XFSZ; exec \"$0\" \"$@\"");
+    let o = Command::new("bash")
+        .args(["-c", &script, env!("CARGO_BIN_EXE_virnuc-output-synth")])
+        .args(args(&out))
+        .output()
+        .expect("driver runs");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot write the final file") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    let work = dir.path().join("out.h5.partial");
+    let left: Vec<String> = std::fs::read_dir(&work)
+        .expect("work kept")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !left.iter().any(|n| n.ends_with(".tmp") || n == "merge"),
+        "{left:?}"
+    );
+    assert_eq!(
+        left.iter().filter(|n| n.starts_with("shard-")).count(),
+        20,
+        "{left:?}"
+    );
+    assert!(!out.exists());
+    let o = Command::new(env!("CARGO_BIN_EXE_virnuc-output-synth"))
+        .args(args(&out))
+        .arg("--resume")
+        .output()
+        .expect("driver runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&out).expect("out"),
+        std::fs::read(&reference).expect("reference")
+    );
 }

@@ -3,10 +3,13 @@
 //!
 //! ```text
 //! virnuc-output-synth --out FILE.h5 --n 5000 --hidden 16 [--dtype f32|f16] [--per-token]
-//!     [--shard 200] [--seed 1] [--max-pack 24] [--pause-us 0] [--resume]
+//!     [--shard 200] [--seed 1] [--max-pack 24] [--pause-us 0] [--resume] [--edit-first-done]
 //! ```
 //! Prints `open <done>`, `finishing`, `complete` or `already-complete` on stdout (flushed) so the
-//! test knows which phase it interrupted. Exit 0 on success, 2 on usage errors, 1 on output errors.
+//! test knows which phase it interrupted. Every sequence, done or not, goes through the writer's
+//! input check as the data path does it; `--edit-first-done` changes the input digest of the
+//! first sequence an earlier run wrote (a record edited between the runs). Exit 0 on success,
+//! 2 on usage errors, 3 when the input differs from the interrupted run's, 1 on output errors.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -25,6 +28,7 @@ struct Args {
     max_pack: usize,
     pause_us: u64,
     resume: bool,
+    edit_first_done: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -39,6 +43,7 @@ fn parse() -> Result<Args, String> {
         max_pack: 24,
         pause_us: 0,
         resume: false,
+        edit_first_done: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -61,6 +66,7 @@ fn parse() -> Result<Args, String> {
             "--max-pack" => args.max_pack = num(value()?)? as usize,
             "--pause-us" => args.pause_us = num(value()?)?,
             "--resume" => args.resume = true,
+            "--edit-first-done" => args.edit_first_done = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -106,7 +112,29 @@ fn run(args: &Args) -> Result<(), OutputError> {
         other => other?,
     };
     let done = writer.done();
+    let check = writer.input_check();
     say(&format!("open {}", writer.resume_info().sequences_done));
+    let edited = if args.edit_first_done {
+        (0..args.n).find(|&i| done(i))
+    } else {
+        None
+    };
+    let digest = |i: u64| {
+        let m = synthetic::meta(i);
+        let salt = u32::from(edited == Some(i));
+        virnuc_core::sequence_digest(&m.id, [m.residues, salt])
+    };
+    // The data path checks sequences in input order as it reads them.
+    for i in 0..args.n {
+        if let Err(e) = check.check(i, &synthetic::id(i), digest(i), 0) {
+            writer.abandon()?;
+            return Err(e);
+        }
+    }
+    if let Err(e) = check.finish() {
+        writer.abandon()?;
+        return Err(e);
+    }
     for pack in synthetic::ffd_order(args.n, 256, args.max_pack, args.seed) {
         // As the real pipeline does: sequences already durable are not recomputed.
         let todo: Vec<u64> = pack.into_iter().filter(|&i| !done(i)).collect();
@@ -114,7 +142,8 @@ fn run(args: &Args) -> Result<(), OutputError> {
             continue;
         }
         let (metas, mean, states, cu) = synthetic::pack(&todo, args.hidden);
-        writer.write_pack(&metas, &mean, Some((&states, &cu)))?;
+        let digests: Vec<u64> = todo.iter().map(|&i| digest(i)).collect();
+        writer.write_pack_with_digests(&metas, &digests, &mean, Some((&states, &cu)))?;
         if args.pause_us > 0 {
             std::thread::sleep(std::time::Duration::from_micros(args.pause_us));
         }
@@ -137,7 +166,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("virnuc-output-synth: {e}");
-            ExitCode::FAILURE
+            match e {
+                OutputError::InputChanged { .. } => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
