@@ -164,6 +164,8 @@ def virnucpro_run(
 
 
 def export(args: list[str], out: Path) -> Path:
+    # The exporter runs in export/: a relative --out would land there, not where the caller looks.
+    out = out.resolve()
     if not (out / "model.json").exists() and not (out / "classifier.json").exists():
         r = subprocess.run(
             [sys.executable, "-m", "virnuc_export", *args, "--out", str(out)], cwd=ROOT / "export"
