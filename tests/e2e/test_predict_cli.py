@@ -111,6 +111,10 @@ def test_predictions_equal_virnucpro_math(
     # and the reference's verdicts per chunk (up to near-ties).
     got_csv = (out / "prediction_results_highestscore.csv").read_text()
     assert got_csv == ref.highestscore_text(got_rows)
+    # And pandas itself, running VirNucPro's code on our txt, reads the same rows and writes our csv.
+    pandas_rows, pandas_csv = ref.highestscore_by_pandas(out / "prediction_results.txt")
+    assert pandas_rows == got_rows
+    assert pandas_csv == got_csv
     want_csv = ref.highestscore_text(want_rows)
     chunks_got = dict(ln.split("\t") for ln in got_csv.splitlines()[1:])
     chunks_want = dict(ln.split("\t") for ln in want_csv.splitlines()[1:])

@@ -178,6 +178,27 @@ def read_results_as_pandas(path: Path) -> list[tuple[str, str, float, float]]:
         return [(row[0], row[1], float(row[2]), float(row[3])) for row in r]
 
 
+def highestscore_by_pandas(txt: Path) -> tuple[list[tuple[str, str, float, float]], str]:
+    """VirNucPro's own last step, run with pandas as `prediction.py` runs it: `read_csv` of
+    prediction_results.txt, `Modified_ID = Sequence_ID[:-2]`, `groupby(...).apply(determine_virus)`,
+    `to_csv(sep="\\t", index=False)`. Returns the rows pandas read and the csv text it writes."""
+    import pandas as pd
+
+    df = pd.read_csv(txt, sep="\t")
+    rows = [
+        (str(r.Sequence_ID), str(r.Prediction), float(r.score1), float(r.score2))
+        for r in df.itertuples(index=False)
+    ]
+    df["Modified_ID"] = df["Sequence_ID"].str[:-2]
+
+    def determine_virus(group: pd.DataFrame) -> pd.Series:
+        return pd.Series({"Is_Virus": group["score2"].max() >= group["score1"].max()})
+
+    grouped = df[["Modified_ID", "score1", "score2"]].groupby("Modified_ID", group_keys=False)
+    out = grouped[["score1", "score2"]].apply(determine_virus).reset_index()
+    return rows, out.to_csv(sep="\t", index=False)
+
+
 def highestscore_text(rows: list[tuple[str, str, float, float]]) -> str:
     """`df.groupby("Modified_ID").apply(determine_virus).reset_index().to_csv(sep="\\t", index=False)`."""
     groups: dict[str, list[float]] = {}
