@@ -93,3 +93,60 @@ def test_dnabert_embed_equals_float64_reference_with_the_esm_ids(
     globins = FIXTURES / "globins45.fa"
     r = run([binary, "embed", globins, "--mode", "protein", "--model", model, "-o", bad, "--ep", "cpu"])
     assert r.returncode == 2 and "DNABERT-S" in r.stderr and not bad.exists(), r.stderr
+
+
+def test_gate_compares_dnabert_on_its_own_tokens(binary: Path, tmp_path: Path) -> None:
+    """`gate` on two DNABERT-S exports (fp16 against fp32) tokenizes the frames' DNA spans with the
+    export's tokenizer: the tokens it compares are exactly those of the spans (the ESM-2 alphabet on
+    the proteins, which the gate once fed every model, gives another count and still passed)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    exports = {}
+    for precision in ("fp32", "fp16"):
+        exports[precision] = tmp_path / precision
+        r = run(
+            [
+                sys.executable,
+                "-m",
+                "virnuc_export",
+                "--random",
+                "dnabert_s",
+                "--seed",
+                SEED,
+                "--layers",
+                "2",
+                "--attention",
+                "masked",
+                "--precision",
+                precision,
+                "--out",
+                exports[precision],
+            ],
+            cwd=ROOT / "export",
+        )
+        assert r.returncode == 0, r.stderr
+    lam = FIXTURES / "lambda_virus.fa"
+    report = tmp_path / "gate.json"
+    r = run(
+        [
+            binary,
+            "gate",
+            *("--candidate", exports["fp16"], "--reference", exports["fp32"], "--input", lam),
+            *("--ep", "cpu", "--json", report),
+        ]
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    gate = json.loads(report.read_text())
+    assert gate["pass"] and gate["mean_cosine"] >= 0.999
+
+    spans_file = tmp_path / "spans.fna"
+    r = run([binary, "translate", lam, "--dna", "-o", spans_file])
+    assert r.returncode == 0, r.stderr
+    spans = read_fasta(spans_file)
+    tok = Tokenizer.from_file(str(exports["fp32"] / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    assert gate["sequences"] == len(spans)
+    assert gate["tokens"] == sum(len(tok.encode(dna).ids) for _, dna in spans)

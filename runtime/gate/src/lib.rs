@@ -456,6 +456,25 @@ pub fn run_gate(options: &GateOptions) -> Result<GateReport> {
             ri.hidden_size
         )));
     }
+    // Both sides must be the same model family, and the sequences go through that family's
+    // tokenizer (a DNABERT-S export brings its tokenizer.json): the ESM-2 alphabet fed to a DNA
+    // model would compare two wrong embeddings and could still pass.
+    if ci.metadata.family != ri.metadata.family {
+        return Err(GateError::Mismatch(format!(
+            "candidate {} is a {} model, reference {} a {} model",
+            options.candidate.display(),
+            ci.metadata.family,
+            options.reference.display(),
+            ri.metadata.family
+        )));
+    }
+    if options.mode == Mode::Protein && !ci.metadata.family.traits().reads_proteins {
+        return Err(GateError::Mismatch(format!(
+            "{} models take DNA: compare them on nucleotide input (--mode nucleotide)",
+            ci.metadata.family
+        )));
+    }
+    let encoder = family_encoder(&ci)?;
     let budget = options
         .token_budget
         .or(candidate.budget)
@@ -466,6 +485,7 @@ pub fn run_gate(options: &GateOptions) -> Result<GateReport> {
         mode: options.mode,
         chunk_len: options.chunk_len,
         token_budget: budget,
+        encoders: vec![encoder],
         ..Default::default()
     };
     let mut stats = Stats::default();
@@ -524,6 +544,17 @@ pub fn run_gate(options: &GateOptions) -> Result<GateReport> {
             .flatten()
             .collect(),
     })
+}
+
+/// The tokenizer of an engine's model family: the ESM-2 alphabet, or the export's `tokenizer.json`
+/// (its sha256 was checked against `model.json` when the engine opened).
+fn family_encoder(
+    info: &virnuc_engine::EngineInfo,
+) -> Result<std::sync::Arc<virnuc_data::Encoder>> {
+    let files = ModelFiles::locate(&info.model_path)?;
+    let tokenizer = files.tokenizer_file(&info.metadata);
+    let encoder = virnuc_data::Encoder::for_model(&info.metadata, tokenizer.as_deref())?;
+    Ok(std::sync::Arc::new(encoder))
 }
 
 #[cfg(test)]
