@@ -79,7 +79,7 @@ def test_every_worker_dying_fails_without_output(
         "cpu:1",
         env={"VIRNUC_FAULT_KILL_WORKER": "0:1:every"},
     )
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 5, r.stderr  # the engines could not run
     assert "every device worker died" in r.stderr, r.stderr
     assert not out.exists()
 

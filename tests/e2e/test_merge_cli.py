@@ -97,20 +97,20 @@ def test_three_shards_merge_into_the_whole_run(
     # Refusals: exit 1, the reason named, no output.
     bad = tmp_path / "bad.h5"
     r = run([binary, "merge", parts[0], parts[1], "-o", bad])
-    assert r.returncode == 1 and "2/3" in r.stderr and "missing" in r.stderr, r.stderr
+    assert r.returncode == 3 and "2/3" in r.stderr and "missing" in r.stderr, r.stderr
     copy = tmp_path / "copy.h5"
     shutil.copy(parts[1], copy)
     r = run([binary, "merge", *parts, copy, "-o", bad])
-    assert r.returncode == 1 and "given twice" in r.stderr, r.stderr
+    assert r.returncode == 3 and "given twice" in r.stderr, r.stderr
     other = tmp_path / "other.h5"
     r = embed(binary, inputs, model, other, "--input-shard", "1/3", "--toks-per-batch", "1024")
     assert r.returncode == 0, r.stderr
     r = run([binary, "merge", parts[0], other, parts[2], "-o", bad])
-    assert r.returncode == 1 and "token_budget" in r.stderr, r.stderr
+    assert r.returncode == 3 and "token_budget" in r.stderr, r.stderr
     r = run([binary, "merge", whole, "-o", bad])
-    assert r.returncode == 1 and "nothing to merge" in r.stderr, r.stderr
+    assert r.returncode == 3 and "nothing to merge" in r.stderr, r.stderr
     r = run([binary, "merge", *parts, "-o", merged])
-    assert r.returncode == 1 and "exists" in r.stderr, r.stderr
+    assert r.returncode == 4 and "exists" in r.stderr, r.stderr
     r = run([binary, "merge", *parts, "-o", bad, "--block-rows", "0"])
     assert r.returncode == 2, r.stderr
     assert not bad.exists()

@@ -726,7 +726,7 @@ fn dispatch(
             break Ok(());
         }
         if workers.iter().all(|w| !w.alive) {
-            break Err(anyhow!(
+            break Err(anyhow::Error::new(crate::exit::EngineFailure(format!(
                 "every device worker died; {} packs not embedded ({})",
                 table.len(),
                 reports
@@ -734,7 +734,7 @@ fn dispatch(
                     .map(|r| format!("{}: {}", r.device, r.deaths.join("; ")))
                     .collect::<Vec<_>>()
                     .join(" | ")
-            ));
+            ))));
         }
         if !input_open
             && retry.is_empty()

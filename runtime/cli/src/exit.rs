@@ -60,6 +60,18 @@ impl std::fmt::Display for InputError {
 impl std::error::Error for InputError {}
 
 /// An output error found by the command itself (the report path, a write): exit status 4.
+/// The engines could not run (every device worker of a `--devices` run died): exit 5.
+#[derive(Debug)]
+pub struct EngineFailure(pub String);
+
+impl std::fmt::Display for EngineFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EngineFailure {}
+
 #[derive(Debug)]
 pub struct OutputFailure(pub String);
 
@@ -88,7 +100,14 @@ fn data_class(e: &DataError) -> u8 {
 
 fn output_class(e: &OutputError) -> u8 {
     match e {
-        OutputError::InputChanged { .. } => INPUT,
+        // `merge`'s parts are its input: a part that is not one, parts of different runs, a
+        // shard missing or given twice.
+        OutputError::InputChanged { .. }
+        | OutputError::NotAPart { .. }
+        | OutputError::PartsDiffer { .. }
+        | OutputError::ShardTwice { .. }
+        | OutputError::ShardsMissing { .. }
+        | OutputError::PartOrder { .. } => INPUT,
         OutputError::InvalidConfig { .. } => USAGE,
         OutputError::Internal(_) => OTHER,
         _ => OUTPUT,
@@ -109,6 +128,9 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
         }
         if cause.is::<InputError>() {
             return INPUT;
+        }
+        if cause.is::<EngineFailure>() {
+            return ENGINE;
         }
         if cause.is::<OutputFailure>() {
             return OUTPUT;
