@@ -185,37 +185,7 @@ class EsmGraph(PackedGraph):
         cos_cache = b.const(np.cos(angle).astype(self.act), self.act)
         sin_cache = b.const(np.sin(angle).astype(self.act), self.act)
         pos2d = b.op("Unsqueeze", ["position_ids", b.i64(1)], name="pos2d")  # [T, 1]
-        g = self.seq_geometry()
-        # token_offset (PackedMultiHeadAttention): flattened [B, S] padded positions b·S + s, those of the
-        # real tokens first (in packed order), then the padding positions.
-        lens = g["lens"]
-        s_max = b.op("ReduceMax", [lens], keepdims=1, name="max_seqlen")  # [1]
-        n_seq = b.op("Shape", [lens], name="n_seq")  # [1]
-        grid_s = b.op(
-            "Range", [b.const(0, np.int64), b.op("Squeeze", [s_max, b.i64(0)]), b.const(1, np.int64)]
-        )
-        grid_b = b.op(
-            "Range", [b.const(0, np.int64), b.op("Squeeze", [n_seq, b.i64(0)]), b.const(1, np.int64)]
-        )
-        offsets = b.op(
-            "Add",
-            [
-                b.op("Mul", [b.op("Unsqueeze", [grid_b, b.i64(1)]), s_max]),
-                b.op("Unsqueeze", [grid_s, b.i64(0)]),
-            ],
-        )
-        valid = b.op("Less", [b.op("Unsqueeze", [grid_s, b.i64(0)]), b.op("Unsqueeze", [lens, b.i64(1)])])
-        flat_off = b.op("Reshape", [offsets, b.i64(-1)])
-        flat_valid = b.op("Reshape", [valid, b.i64(-1)])
-        real = b.op("Compress", [flat_off, flat_valid], axis=0)
-        pad = b.op("Compress", [flat_off, b.op("Not", [flat_valid])], axis=0)
-        shape = b.op("Concat", [n_seq, s_max], axis=0)
-        token_offset = b.op(
-            "Cast",
-            [b.op("Reshape", [b.op("Concat", [real, pad], axis=0), shape])],
-            to=TensorProto.INT32,
-            name="token_offset",
-        )
+        token_offset, _ = self.padded_token_offset()
         self._cache.update(cos_cache=cos_cache, sin_cache=sin_cache, pos2d=pos2d, token_offset=token_offset)
         return cos_cache, sin_cache, pos2d, token_offset
 

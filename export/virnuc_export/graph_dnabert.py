@@ -184,34 +184,7 @@ class DnabertGraph(PackedGraph):
         if "token_offset" in self._cache:
             return self._cache["token_offset"], self._cache["ort_bias"]
         b = self.b
-        g = self.seq_geometry()
-        lens = g["lens"]
-        s_max = b.op("ReduceMax", [lens], keepdims=1, name="max_seqlen")  # [1]
-        n_seq = b.op("Shape", [lens], name="n_seq")
-        grid_s = b.op(
-            "Range", [b.const(0, np.int64), b.op("Squeeze", [s_max, b.i64(0)]), b.const(1, np.int64)]
-        )
-        grid_b = b.op(
-            "Range", [b.const(0, np.int64), b.op("Squeeze", [n_seq, b.i64(0)]), b.const(1, np.int64)]
-        )
-        offsets = b.op(
-            "Add",
-            [
-                b.op("Mul", [b.op("Unsqueeze", [grid_b, b.i64(1)]), s_max]),
-                b.op("Unsqueeze", [grid_s, b.i64(0)]),
-            ],
-        )
-        valid = b.op("Less", [b.op("Unsqueeze", [grid_s, b.i64(0)]), b.op("Unsqueeze", [lens, b.i64(1)])])
-        flat_off = b.op("Reshape", [offsets, b.i64(-1)])
-        flat_valid = b.op("Reshape", [valid, b.i64(-1)])
-        real = b.op("Compress", [flat_off, flat_valid], axis=0)
-        pad = b.op("Compress", [flat_off, b.op("Not", [flat_valid])], axis=0)
-        token_offset = b.op(
-            "Cast",
-            [b.op("Reshape", [b.op("Concat", [real, pad], axis=0), b.op("Concat", [n_seq, s_max], axis=0)])],
-            to=TensorProto.INT32,
-            name="token_offset",
-        )
+        token_offset, grid_s = self.padded_token_offset()
         grid_f = b.op("Cast", [grid_s], to=TensorProto.FLOAT)
         dist = b.op(
             "Abs",
