@@ -28,6 +28,18 @@ def read_fasta(path: Path) -> list[tuple[str, str]]:
     return [(lines[i][1:], lines[i + 1]) for i in range(0, len(lines), 2)]
 
 
+def export_dnabert(out: Path, *extra: str) -> None:
+    """A random 2-layer masked DNABERT-S export (seed SEED) into `out`."""
+    r = run(
+        [
+            *(sys.executable, "-m", "virnuc_export", "--random", "dnabert_s", "--seed", SEED),
+            *("--layers", "2", "--attention", "masked", *extra, "--out", out),
+        ],
+        cwd=ROOT / "export",
+    )
+    assert r.returncode == 0, r.stderr
+
+
 def test_dnabert_embed_equals_float64_reference_with_the_esm_ids(
     binary: Path, models: dict[str, Exported], tmp_path: Path
 ) -> None:
@@ -37,25 +49,7 @@ def test_dnabert_embed_equals_float64_reference_with_the_esm_ids(
     from virnuc_export.weights import RandomWeights
 
     model = tmp_path / "dnabert"
-    r = run(
-        [
-            sys.executable,
-            "-m",
-            "virnuc_export",
-            "--random",
-            "dnabert_s",
-            "--seed",
-            SEED,
-            "--layers",
-            "2",
-            "--attention",
-            "masked",
-            "--out",
-            model,
-        ],
-        cwd=ROOT / "export",
-    )
-    assert r.returncode == 0, r.stderr
+    export_dnabert(model)
     lam = FIXTURES / "lambda_virus.fa"
     out = tmp_path / "dna.h5"
     common = ["--ep", "cpu", "--virnucpro-compat", "-q"]
@@ -106,27 +100,7 @@ def test_gate_compares_dnabert_on_its_own_tokens(binary: Path, tmp_path: Path) -
     exports = {}
     for precision in ("fp32", "fp16"):
         exports[precision] = tmp_path / precision
-        r = run(
-            [
-                sys.executable,
-                "-m",
-                "virnuc_export",
-                "--random",
-                "dnabert_s",
-                "--seed",
-                SEED,
-                "--layers",
-                "2",
-                "--attention",
-                "masked",
-                "--precision",
-                precision,
-                "--out",
-                exports[precision],
-            ],
-            cwd=ROOT / "export",
-        )
-        assert r.returncode == 0, r.stderr
+        export_dnabert(exports[precision], "--precision", precision)
     lam = FIXTURES / "lambda_virus.fa"
     report = tmp_path / "gate.json"
     r = run(
