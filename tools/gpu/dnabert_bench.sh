@@ -14,14 +14,14 @@
 #           frame), tokens/s and engine busy share from the run report
 #   peer    tools/gpu/dnabert_peer.py peer: PyTorch padded batches (--batch, input order), SDPA with an
 #           ALiBi + padding mask, fp16, on the same weights, over the same genomes' frame spans
-#           (dnabert_peer.py spans: 500 bp chunks, six frames, stop-free frames' coded bases)
+#           (`virnuc-trt translate --dna`: the very spans embed makes)
 #   check   dnabert_peer.py check: the export through ONNX Runtime (CUDA EP) on packs of --sample spans and
 #           embed's HDF5 rows whose ids match, against PyTorch fp32 (TF32 off, each sequence alone);
 #           the PyTorch reference itself against the float64 numpy reference (export/virnuc_export/
 #           dnabert_reference.py); cosine >= 0.999
 # Flavors: `ort` (PackedMultiHeadAttention + ALiBi attention_bias; CUDA EP) is the default; `virnuc`
 # needs the CUDA VarlenAttention kernel's ALiBi mode (contract version 2); `masked` is the portable O(T²)
-# form. Compare tokens/s (the peer's spans approximate embed's: same genomes, same chunking, same frames).
+# form. Compare tokens/s: the peer embeds exactly the spans embed makes.
 #
 # Expects: the release binary (--bin, default .device-stage/bin/virnuc-trt), /opt/onnxruntime-gpu/env.sh
 # sourced (ORT_DYLIB_PATH), python with torch (CUDA), onnxruntime-gpu, tokenizers, h5py, onnx. Results:
@@ -89,15 +89,20 @@ mdir="$work/models/dnabert_s-l$layers-$flavor-$precision"
 spans="$work/spans.fa"
 if has export && [[ ! -f "$mdir/model.json" ]]; then
   say "== export dnabert_s ($flavor, $precision, $layers layers, random seed 0) → $mdir"
-  (cd export && python -m virnuc_export --random dnabert_s --seed 0 --layers "$layers" --attention "$flavor" \
+  (cd export && python3 -m virnuc_export --random dnabert_s --seed 0 --layers "$layers" --attention "$flavor" \
     --precision "$precision" --out "$mdir") 2>&1 | tee -a "$log" >&2
 fi
 [[ -f "$mdir/model.json" ]] || { say "dnabert_bench: no export at $mdir (run the export step)"; exit 1; }
 if [[ ! -f "$spans" ]]; then
-  limit_arg=()
-  if [[ -n "$spans_limit" ]]; then limit_arg=(--limit "$spans_limit"); fi
-  python tools/gpu/dnabert_peer.py spans --fasta "${genomes[@]}" --out "$spans" "${limit_arg[@]}" 2>&1 \
-    | tee -a "$log" >&2
+  # The peer gets exactly the DNA that embed sends to the model (VirNucPro's overlapping chunks, the
+  # same frame names), so tokens/s compare like for like and the check can match rows by id.
+  "$bin" translate --dna --chunk 500 "${genomes[@]}" -o "$spans.all"
+  if [[ -n "$spans_limit" ]]; then
+    awk -v n="$spans_limit" '/^>/ {k++} k > n {exit} {print}' "$spans.all" > "$spans"
+  else
+    mv "$spans.all" "$spans"
+  fi
+  say "   spans: $(grep -c '^>' "$spans") frames → $spans"
 fi
 
 h5="$work/out/dnabert-$flavor-$precision.h5"
@@ -108,7 +113,7 @@ if has embed; then
   say "== embed (virnuc-trt, packed)"
   "$bin" embed "${genomes[@]}" --mode nucleotide --chunk 500 --model "$mdir" --out "$h5" --ep "$ep" \
     --toks-per-batch "$budget" --report "$report" -q 2>&1 | tee -a "$log" >&2
-  python - "$report" >>"$jsonl" <<'PY'
+  python3 - "$report" >>"$jsonl" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 keys = ("ep", "attention", "model_precision", "sequences", "tokens", "packs", "tokens_per_s", "sequences_per_s",
@@ -122,7 +127,7 @@ PY
 fi
 if has peer; then
   say "== peer (PyTorch padded SDPA $precision, batch $batch)"
-  python tools/gpu/dnabert_peer.py peer --spans "$spans" --tokenizer "$mdir/tokenizer.json" --seed 0 \
+  python3 tools/gpu/dnabert_peer.py peer --spans "$spans" --tokenizer "$mdir/tokenizer.json" --seed 0 \
     --layers "$layers" --batch "$batch" --dtype "$precision" --json "$work/out/peer.json" 2>>"$log" \
     | sed 's/^{/{"step": "peer", /' | tee -a "$jsonl" >&2
 fi
@@ -130,7 +135,7 @@ if has check; then
   say "== check ($sample spans, export and embed's output vs PyTorch fp32)"
   h5_arg=()
   if [[ -f "$h5" ]]; then h5_arg=(--h5 "$h5"); fi
-  python tools/gpu/dnabert_peer.py check --spans "$spans" --tokenizer "$mdir/tokenizer.json" --seed 0 \
+  python3 tools/gpu/dnabert_peer.py check --spans "$spans" --tokenizer "$mdir/tokenizer.json" --seed 0 \
     --model "$mdir" --sample "$sample" "${h5_arg[@]}" --json "$work/out/check.json" 2>>"$log" \
     | sed 's/^{/{"step": "check", /' | tee -a "$jsonl" >&2 || say "   CHECK FAILED"
 fi

@@ -1,15 +1,12 @@
 """DNABERT-S peers and checks for tools/gpu/dnabert_bench.sh (GPU machine; runs on the CPU too, slowly).
 
-    python tools/gpu/dnabert_peer.py spans  --fasta G.fa [G2.fa.gz …] --out SPANS.fa [--chunk 500] [--limit N]
     python tools/gpu/dnabert_peer.py peer   --spans SPANS.fa --tokenizer T.json --seed 0 [--layers 12]
                                             [--batch 64] [--dtype fp16] [--json R.json]
     python tools/gpu/dnabert_peer.py check  --spans SPANS.fa --tokenizer T.json --seed 0 --model EXPORT_DIR
                                             [--sample 64] [--h5 OUT.h5] [--min-cosine 0.999] [--json R.json]
 
-`spans`: the DNA the DNABERT-S half of VirNucPro embeds, approximately — each record cut into consecutive
-`--chunk` bp pieces, six frames of each, stop-free frames kept, each frame's coded bases (3·codons) as
-one record `<id>_chunk_<n><F1..R3>`. (`virnuc-trt embed` makes its own spans; tokens/s is the unit that
-compares the two runs.)
+SPANS.fa: the DNA spans `virnuc-trt embed` sends to the model, one record per kept frame, written by
+`virnuc-trt translate --dna` (so both tools embed the same sequences and rows match by id).
 
 `peer`: the Broad v2.0-style PyTorch path — sequences in input order, batches of `--batch` padded to their
 longest, `torch.nn.functional.scaled_dot_product_attention` with an additive ALiBi + padding mask, fp16 —
@@ -43,9 +40,6 @@ sys.path.insert(0, str(ROOT / "export"))
 from virnuc_export import dnabert_reference  # noqa: E402
 from virnuc_export.weights import RandomWeights  # noqa: E402
 
-STOPS = {"TAA", "TAG", "TGA"}
-_COMPLEMENT = str.maketrans("ACGTN", "TGCAN")
-
 
 def read_fasta(path: Path) -> list[tuple[str, str]]:
     opener = gzip.open if path.suffix == ".gz" else open
@@ -63,29 +57,6 @@ def read_fasta(path: Path) -> list[tuple[str, str]]:
     if name is not None:
         out.append((name, "".join(chunks).upper()))
     return out
-
-
-def frame_spans(seq: str) -> list[tuple[str, str]]:
-    """(frame name, coded bases) of the stop-free frames of one chunk."""
-    out = []
-    for strand, s in (("F", seq), ("R", seq.translate(_COMPLEMENT)[::-1])):
-        for f in range(3):
-            codons = [s[i : i + 3] for i in range(f, len(s) - 2, 3)]
-            if codons and not any(c in STOPS for c in codons):
-                out.append((f"{strand}{f + 1}", "".join(codons)))
-    return out
-
-
-def make_spans(fastas: list[Path], chunk: int, limit: int | None) -> list[tuple[str, str]]:
-    spans: list[tuple[str, str]] = []
-    for path in fastas:
-        for rid, seq in read_fasta(path):
-            for n, start in enumerate(range(0, len(seq), chunk)):
-                for frame, dna in frame_spans(seq[start : start + chunk]):
-                    spans.append((f"{rid}_chunk_{n + 1}{frame}", dna))
-                    if limit is not None and len(spans) >= limit:
-                        return spans
-    return spans
 
 
 def tokenizer(path: Path) -> Any:
@@ -184,15 +155,6 @@ def padded_means(model: Any, batches: list[list[list[int]]], device: str, dtype:
     return out
 
 
-def cmd_spans(args: argparse.Namespace) -> int:
-    spans = make_spans([Path(f) for f in args.fasta], args.chunk, args.limit)
-    with open(args.out, "w") as f:
-        for rid, dna in spans:
-            f.write(f">{rid}\n{dna}\n")
-    print(f"spans: {len(spans)} frames → {args.out}", file=sys.stderr)
-    return 0
-
-
 def cmd_peer(args: argparse.Namespace) -> int:
     import torch
 
@@ -228,8 +190,18 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def onnxruntime_module(cuda: bool) -> Any:
+    """onnxruntime-gpu on the GPU machine (its image has only the CPU package), else the installed one."""
+    if cuda:
+        import ort_gpu  # beside this script
+
+        return ort_gpu.load()
+    import onnxruntime
+
+    return onnxruntime
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    import onnxruntime as ort
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -251,26 +223,33 @@ def cmd_check(args: argparse.Namespace) -> int:
         [dnabert_reference.mean_all_tokens(dnabert_reference.forward(w64, cfg, t)) for t in seqs[:4]]
     )
     ref_vs_f64 = float(cosines(ref[:4], own).min())
-    providers = [
-        p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
-    ]
-    sess = ort.InferenceSession(str(Path(args.model) / "model.onnx"), providers=providers)
-    got = []
-    for i in range(0, len(seqs), 16):
-        part = seqs[i : i + 16]
-        feeds = {
-            "input_ids": np.concatenate([np.asarray(t, np.int64) for t in part]),
-            "position_ids": np.concatenate([np.arange(len(t), dtype=np.int64) for t in part]),
-            "cu_seqlens": np.cumsum([0, *(len(t) for t in part)]).astype(np.int32),
-        }
-        got.append(sess.run(["mean"], feeds)[0])
-    export_cos = cosines(np.concatenate(got).astype(np.float64), ref.astype(np.float64))
     result: dict[str, Any] = {
-        "sample": len(seqs), "providers": sess.get_providers(), "attention": meta["attention"],
-        "precision": meta["precision"], "export_min_cosine": float(export_cos.min()),
-        "export_mean_cosine": float(export_cos.mean()), "torch_fp32_vs_float64_min_cosine": ref_vs_f64,
+        "sample": len(seqs), "attention": meta["attention"], "precision": meta["precision"],
+        "torch_fp32_vs_float64_min_cosine": ref_vs_f64,
     }  # fmt: skip
-    ok = export_cos.min() >= args.min_cosine and ref_vs_f64 >= 0.99999
+    ok = ref_vs_f64 >= 0.99999
+    # The `virnuc` flavor's VarlenAttention is a custom op that only the Rust runtime registers: its
+    # export is checked through embed's HDF5 below, not through a Python session.
+    if meta["attention"] != "virnuc":
+        ort = onnxruntime_module(device == "cuda")
+        providers = [
+            p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
+        ]
+        sess = ort.InferenceSession(str(Path(args.model) / "model.onnx"), providers=providers)
+        got = []
+        for i in range(0, len(seqs), 16):
+            part = seqs[i : i + 16]
+            feeds = {
+                "input_ids": np.concatenate([np.asarray(t, np.int64) for t in part]),
+                "position_ids": np.concatenate([np.arange(len(t), dtype=np.int64) for t in part]),
+                "cu_seqlens": np.cumsum([0, *(len(t) for t in part)]).astype(np.int32),
+            }
+            got.append(sess.run(["mean"], feeds)[0])
+        export_cos = cosines(np.concatenate(got).astype(np.float64), ref.astype(np.float64))
+        result["providers"] = sess.get_providers()
+        result["export_min_cosine"] = float(export_cos.min())
+        result["export_mean_cosine"] = float(export_cos.mean())
+        ok = ok and export_cos.min() >= args.min_cosine
     if args.h5:
         import h5py
 
@@ -286,6 +265,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
             result["h5_min_cosine"] = float(h5_cos.min())
             ok = ok and h5_cos.min() >= args.min_cosine
+    if meta["attention"] == "virnuc" and not result.get("h5_rows_matched"):
+        ok = False  # nothing of the export was checked
     result["pass"] = bool(ok)
     print(json.dumps(result))
     if args.json:
@@ -296,11 +277,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("spans")
-    s.add_argument("--fasta", nargs="+", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--chunk", type=int, default=500)
-    s.add_argument("--limit", type=int)
     for name in ("peer", "check"):
         c = sub.add_parser(name)
         c.add_argument("--spans", required=True)
@@ -320,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd in ("peer",) and args.batch < 1:
         p.error("--batch must be positive")
-    return {"spans": cmd_spans, "peer": cmd_peer, "check": cmd_check}[args.cmd](args)
+    return {"peer": cmd_peer, "check": cmd_check}[args.cmd](args)
 
 
 if __name__ == "__main__":

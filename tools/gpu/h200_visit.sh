@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The single-GPU measurements (issue 14) as three device calls, each bounded to fit one call
+# (≤ 600 s), made back to back after the five ONNX Runtime GPU staging runs (README.md here):
+#
+#   bash tools/gpu/h200_visit.sh kernels   carry build/varlen_attention build/varlen_v4 build/varlen_rust
+#   bash tools/gpu/h200_visit.sh models    carry .device-stage/bench
+#   bash tools/gpu/h200_visit.sh esm       carry .device-stage/bench
+#
+# kernels  the VarlenAttention kernel on the card: float64 check (rotary, none and ALiBi modes),
+#          negative controls, compute-sanitizer memcheck, the Rust loader's GPU tests
+#          (runtime/cuda/tests/gpu.rs, built here with `cargo test --release -p virnuc-cuda --no-run`
+#          and copied to build/varlen_rust/gpu_test), the attention bench; then kernel_final.sh (the v4
+#          candidate against the current kernel, interleaved, and ORT's PackedMultiHeadAttention).
+# models   DNABERT-S packed fp16 (`ort` flavor: embed, the padded SDPA peer, the fp32 check; `virnuc`
+#          flavor: embed and the check of its HDF5), then predict_bench.sh (predict 3B + DNABERT-S
+#          against embed 3B alone).
+# esm      tools/bench/run.py bench on ESM-2 3B fp16, chunk500 and broad, 600k tokens, both attention
+#          flavors, the torch packed + flash and HF SDPA peers: the figure of this commit.
+#
+# Stage with: cargo build --release -p virnuc-trt && python3 tools/bench/run.py prepare, the fatbin
+# copied to .device-stage/bench/bin/varlen_attention/, plugins/varlen_attention/build.sh (and --v4).
+# Results: $OUT/<stage>.log and the files each step writes (packed in $OUT/<stage>.tar.gz).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+stage="${1:?usage: h200_visit.sh kernels|models|esm}"
+res="${OUT:-/tmp/h200_visit}"
+work="${TMPDIR:-/tmp}/h200_visit/$stage"
+mkdir -p "$res" "$work" /tmp/h200_visit/shim
+export PYTHONUNBUFFERED=1
+# Some scripts call `python`; the machine's image names its interpreter python3 only.
+ln -sf "$(command -v python3)" /tmp/h200_visit/shim/python
+export PATH="/tmp/h200_visit/shim:$PATH"
+log="$res/$stage.log"
+{
+  echo "== h200_visit $stage $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+} | tee "$log"
+if [[ -f /opt/onnxruntime-gpu/env.sh ]]; then
+  # shellcheck disable=SC1091
+  source /opt/onnxruntime-gpu/env.sh
+else
+  echo "no ONNX Runtime GPU staged (/opt/onnxruntime-gpu/env.sh): ORT steps will fail" | tee -a "$log"
+fi
+bin=.device-stage/bench/bin/virnuc-trt
+data=.device-stage/bench/data
+t0=$SECONDS
+step() {
+  local limit="$1"
+  shift
+  echo "== [$((SECONDS - t0)) s] $* (at most $limit s)" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "   exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+case "$stage" in
+  kernels)
+    OUT="$work/varlen" step 280 bash tools/gpu/varlen_attention/run.sh check control sanitize rust bench
+    OUT="$work/v4" step 240 bash tools/gpu/kernel_final.sh 230
+    ;;
+  models)
+    OUT="$work" step 200 bash tools/gpu/dnabert_bench.sh --bin "$bin" --data "$data" --work /tmp/dnabert
+    OUT="$work" step 90 bash tools/gpu/dnabert_bench.sh --bin "$bin" --data "$data" --work /tmp/dnabert \
+      --flavor virnuc --steps "export embed check"
+    OUT="$work" step 280 bash tools/gpu/predict_bench.sh --bin "$bin" --data "$data" --passes 2
+    ;;
+  esm)
+    step 540 python3 tools/bench/run.py bench --models esm2_t36_3B --precisions fp16 --passes 2 \
+      --max-tokens 600000 --virnuc-attention ort,virnuc --peers virnuc-trt,torch-packed,hf-sdpa \
+      --virnuc-trt "$bin" --work /tmp/bench --results "$work" --tag e2e-3B
+    ;;
+  *) echo "h200_visit: unknown stage $stage (kernels|models|esm)" >&2; exit 2 ;;
+esac
+tar -czf "$res/$stage.tar.gz" -C "$work" . 2>/dev/null
+cp "$work"/*.jsonl "$work"/*.md "$work"/summary.txt "$res/" 2>/dev/null
+echo "== h200_visit $stage done after $((SECONDS - t0)) s" | tee -a "$log"
