@@ -18,7 +18,8 @@ from onnx import helper
 from dnabert_helpers import MAX_REL, MIN_COS, Dnabert, compare, random_tokens
 from export_helpers import session
 from virnuc_export.graph import MS_DOMAIN, VIRNUC_DOMAIN
-from virnuc_export.graph_dnabert import alibi_slopes, build_alibi_attention_model
+from virnuc_export.graph_base import ConfigOnly, GraphOptions, InitializerStore
+from virnuc_export.graph_dnabert import DnabertGraph, alibi_slopes, build_alibi_attention_model
 from virnuc_export.varlen_reference import varlen_attention
 
 
@@ -160,6 +161,30 @@ def test_ort_graph_structure_and_cuda_only(dnabert_tiny: Dnabert):
         assert attrs == {"num_heads": 12, "scale": 0.25}  # head_dim 16
     with pytest.raises(Exception, match="PackedMultiHeadAttention"):
         session(path)
+
+
+@pytest.mark.parametrize("attention", ["ort", "virnuc", "masked"])
+def test_qkv_columns_per_flavor(attention):
+    """PackedMultiHeadAttention's packed input is [T, heads, 3, head_dim]: in the `ort` flavor the
+    checkpoint's column m·H + n·D + j (m: q, k, v; n: head; j: lane) must land at n·3D + m·D + j, weight
+    and bias alike; the other flavors take [q | k | v] unchanged."""
+    nh, d = 4, 3
+    hidden = nh * d
+    config = {"name": "t", "family": "dnabert_s", "num_layers": 0, "hidden_size": hidden, "num_heads": nh,
+              "ffn_size": 1, "layer_norm_eps": 1e-12}  # fmt: skip
+    g = DnabertGraph(ConfigOnly(config), GraphOptions(attention=attention), InitializerStore(None))
+    original = np.arange(3 * hidden, dtype=np.float64)
+    weight = np.stack([original, -original])  # [in = 2, 3H]: each entry names its own column
+    got_w, got_b = g.qkv_columns(weight), g.qkv_columns(original)
+    if attention != "ort":
+        np.testing.assert_array_equal(got_w, weight)
+        np.testing.assert_array_equal(got_b, original)
+        return
+    for m in range(3):
+        for n in range(nh):
+            for j in range(d):
+                assert got_b[n * 3 * d + m * d + j] == m * hidden + n * d + j
+    np.testing.assert_array_equal(got_w, np.stack([got_b, -got_b]))
 
 
 def test_ort_alibi_bias_and_token_offset_on_cpu(tmp_path):

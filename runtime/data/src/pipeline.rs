@@ -47,6 +47,9 @@ struct StageConfig {
     long: LongPolicy,
     /// Some encoder takes DNA spans: cut them from kept frames.
     need_dna: bool,
+    /// Some encoder takes the proteins. When none does (a DNABERT-S-only run), the long-sequence
+    /// policy has nothing to act on: the DNA span is never cut, so no protein is counted as cut.
+    need_protein: bool,
     span: SpanRule,
 }
 
@@ -66,6 +69,10 @@ impl From<&PipelineConfig> for StageConfig {
                 .encoders
                 .iter()
                 .any(|e| e.traits().frame_input == FrameInput::DnaSpan),
+            need_protein: c.mode == Mode::Protein
+                || c.encoders
+                    .iter()
+                    .any(|e| e.traits().frame_input == FrameInput::Protein),
             span: if c.virnucpro_compat {
                 SpanRule::VirNucPro
             } else {
@@ -198,6 +205,11 @@ fn emit_pieces(
     emit: &mut Emit<'_>,
 ) {
     stats.proteins += 1;
+    if !c.need_protein {
+        stats.sequences += 1;
+        emit(name, residues, dna);
+        return;
+    }
     if residues.len() > c.max_residues {
         match c.long {
             LongPolicy::Split => {

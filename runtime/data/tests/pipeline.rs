@@ -546,3 +546,71 @@ fn input_shard_syntax_and_bounds() {
         "the sequential view must refuse shards"
     );
 }
+
+/// A tokenizer.json of single bases with `[CLS] … [SEP]` around each sequence: enough for the data
+/// path to run a DNA-span encoder without the real DNABERT-S files.
+fn base_tokenizer(dir: &std::path::Path) -> std::path::PathBuf {
+    let cls = r#"{"SpecialToken":{"id":"[CLS]","type_id":0}}"#;
+    let sep = r#"{"SpecialToken":{"id":"[SEP]","type_id":0}}"#;
+    let json = format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+"pre_tokenizer":null,"decoder":null,
+"post_processor":{{"type":"TemplateProcessing",
+ "single":[{cls},{{"Sequence":{{"id":"A","type_id":0}}}},{sep}],
+ "pair":[{cls},{{"Sequence":{{"id":"A","type_id":0}}}},{sep},{{"Sequence":{{"id":"B","type_id":1}}}},{sep}],
+ "special_tokens":{{"[CLS]":{{"id":"[CLS]","ids":[1],"tokens":["[CLS]"]}},
+                   "[SEP]":{{"id":"[SEP]","ids":[2],"tokens":["[SEP]"]}}}}}},
+"model":{{"type":"BPE","dropout":null,"unk_token":"[UNK]","continuing_subword_prefix":null,
+ "end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,
+ "vocab":{{"[UNK]":0,"[CLS]":1,"[SEP]":2,"A":3,"C":4,"G":5,"T":6}},"merges":[]}}}}"#
+    );
+    write(dir, "tokenizer.json", json.as_bytes())
+}
+
+#[test]
+fn a_dna_only_run_neither_cuts_nor_counts_long_proteins() {
+    use virnuc_core::ModelFamily;
+    use virnuc_data::tokenize::Encoder;
+    let dir = tempfile::tempdir().unwrap();
+    // GCT repeated: no stop in any of the six frames; every protein has 19-20 residues.
+    let seq = "GCT".repeat(20);
+    let input = write(dir.path(), "n.fa", format!(">c\n{seq}\n").as_bytes());
+    let dna = Arc::new(
+        Encoder::with_tokenizer_file(ModelFamily::DnabertS, &base_tokenizer(dir.path())).unwrap(),
+    );
+    let base = PipelineConfig {
+        mode: Mode::Nucleotide,
+        chunk_len: 60,
+        max_residues: 10,
+        long: LongPolicy::Truncate,
+        ..config(vec![input])
+    };
+    // With the protein model the long policy acts on each of the six frames…
+    let (_, esm) = run(base.clone());
+    assert_eq!((esm.stages.sequences, esm.stages.long_truncated), (6, 6));
+    // …with the DNA model alone nothing is cut (each frame's whole span is embedded), so nothing
+    // may be reported as cut, and `skip` drops nothing either.
+    for long in [LongPolicy::Truncate, LongPolicy::Skip] {
+        let (packs, r) = run(PipelineConfig {
+            encoders: vec![dna.clone()],
+            long,
+            ..base.clone()
+        });
+        assert_eq!(r.stages.sequences, 6, "{long:?}");
+        assert_eq!(
+            (
+                r.stages.long_truncated,
+                r.stages.residues_truncated,
+                r.stages.long_skipped
+            ),
+            (0, 0, 0),
+            "{long:?}"
+        );
+        // [CLS] + 57-60 bases + [SEP] per frame: the spans are whole.
+        for p in &packs {
+            for i in 0..p.sequences.len() {
+                assert!(p.token_range(i).len() >= 59, "{long:?}");
+            }
+        }
+    }
+}
