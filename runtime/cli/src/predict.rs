@@ -826,6 +826,8 @@ fn infer(
     // The first failure in flow order is the cause; later ones are its consequences.
     let (written, engines_done) = match (written, engines_done, feed_error) {
         (_, _, Some(e)) => return Err(e),
+        // Results that stopped coming leave frames half joined: the engines' failure is the cause.
+        (Err(w), Err(e), _) if w.is::<HalvesMissing>() => return Err(e),
         (Err(e), _, _) => return Err(e),
         (_, Err(e), _) => return Err(e),
         (Ok(w), Ok(d), None) => (w, d),
@@ -864,6 +866,18 @@ fn check_outputs(esm: &EngineInfo, dna: &EngineInfo, clf: &Classifier) -> Result
 }
 
 type Writers = (Vec<EmbeddingWriter>, u64);
+
+/// The results ended with frames that have one of their two embeddings only.
+#[derive(Debug)]
+struct HalvesMissing(String);
+
+impl std::fmt::Display for HalvesMissing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HalvesMissing {}
 
 /// The writer thread: joins each frame's two means by output index, classifies the frames each
 /// pack completes as one batch, and stores probabilities (and features) for frames not yet done.
@@ -975,10 +989,11 @@ fn join_and_classify(
         progress.set_message(format!("{:.0} frames/s", frames as f64 / secs));
     }
     if let Some((i, _)) = waiting.iter().next() {
-        bail!(
+        return Err(HalvesMissing(format!(
             "internal error: {} frames have only one of their two embeddings (e.g. index {i})",
             waiting.len()
-        );
+        ))
+        .into());
     }
     let mut writers = vec![scores];
     writers.extend(features);
