@@ -801,6 +801,7 @@ fn infer(
         })
         .context("cannot start the writer thread")?;
     let mut feed_error = None;
+    let mut packs_submitted = 0u64;
     while let Some(item) = pipeline.next_tagged() {
         match item {
             Ok((tag, pack)) => {
@@ -810,6 +811,7 @@ fn infer(
                 if engines.submit(tag, pack).is_err() {
                     break;
                 }
+                packs_submitted += 1;
             }
             Err(e) => {
                 feed_error = Some(anyhow!(e).context("reading the input failed"));
@@ -837,6 +839,17 @@ fn infer(
         .try_into()
         .map_err(|_| anyhow!("internal error: the engines did not report on both models"))?;
     let data = data.context("reading the input failed")?;
+    // Every record accounted for, and every pack handed to the engines (or the device workers)
+    // came back once; a violation is a bug. The scores writer's finish refuses a missing frame.
+    data.check_accounting()
+        .map_err(|e| anyhow!("internal error: the run's accounting does not add up: {e}"))?;
+    if esm_stats.packs + dna_stats.packs != packs_submitted {
+        bail!(
+            "internal error: {packs_submitted} packs went to the engines but {} + {} came back",
+            dna_stats.packs,
+            esm_stats.packs
+        );
+    }
     let expected = data.stages.sequences;
     let (writers, n_frames) = written;
     let mut it = writers.into_iter();
