@@ -1097,6 +1097,18 @@ mod tests {
     }
 
     #[test]
+    fn device_lists_must_fit_the_provider() {
+        use virnuc_engine::Ep;
+        assert_eq!(DeviceList::for_ep("cpu:2", Ep::Cpu), Ok(DeviceList::Cpu(2)));
+        assert_eq!(
+            DeviceList::for_ep("0,1", Ep::Cuda),
+            Ok(DeviceList::Gpus(vec![0, 1]))
+        );
+        assert!(DeviceList::for_ep("cpu:2", Ep::Auto).is_err_and(|e| e.contains("--ep cpu")));
+        assert!(DeviceList::for_ep("0,1", Ep::Cpu).is_err_and(|e| e.contains("cpu:N")));
+    }
+
+    #[test]
     fn packs_round_trip_through_the_framing() {
         let mut b = PackedBatch::default();
         for (i, len) in [3usize, 7, 4].iter().enumerate() {

@@ -1384,3 +1384,59 @@ pub fn summary_line(sum: &ResultsSummary) -> String {
         sum.records_without_frames,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: PredictArgs,
+    }
+
+    fn resolve(extra: &[&str]) -> Result<PredictSettings> {
+        let base = [
+            "predict",
+            "a.fa",
+            "--esm",
+            "e",
+            "--dnabert",
+            "d",
+            "--classifier",
+            "c",
+            "--chunk",
+            "500",
+            "--out-dir",
+            "o",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra)).map_err(|e| anyhow!("{e}"))?;
+        PredictSettings::resolve(&cli.args)
+    }
+
+    #[test]
+    fn devices_and_input_shard_reach_the_settings() {
+        let s =
+            resolve(&["--ep", "cpu", "--devices", "cpu:2", "--input-shard", "1/3"]).expect("ok");
+        assert_eq!(s.devices, Some(DeviceList::Cpu(2)));
+        assert_eq!(s.input_shard, Some(InputShard { index: 1, count: 3 }));
+        let e = resolve(&["--devices", "cpu:2"]).expect_err("cpu workers need --ep cpu");
+        assert!(
+            e.is::<UsageError>() && e.to_string().contains("--ep cpu"),
+            "{e}"
+        );
+        assert!(resolve(&["--input-shard", "3/3"]).is_err());
+        // A worker takes its device from its slot and ignores --devices.
+        let s = resolve(&[
+            "--devices",
+            "cpu:2",
+            "--ep",
+            "cpu",
+            "--worker-slot",
+            "1,0,0",
+        ])
+        .expect("worker");
+        assert_eq!((s.devices, s.device), (None, Some(0)));
+    }
+}
