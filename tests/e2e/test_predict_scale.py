@@ -306,3 +306,32 @@ def test_merge_and_results_refuse_wrong_predict_parts(
     r = run([binary, "results", *inputs, "--scores", parts[1], "--out-dir", tmp_path / "r3"])
     assert r.returncode == 0 and "input shard 1/3 only" in r.stderr, r.stderr
     assert not same_files(tmp_path / "r3", parts[1].parent, TEXT_FILES)
+
+
+def test_shards_with_packs_of_several_frames_agree_to_float32_rounding(
+    binary: Path, predict_models: dict[str, Path], inputs: list[Path], single_packed: Path, tmp_path: Path
+) -> None:
+    """Packs of several frames: a shard's packs hold other frames than the whole run's, so scores
+    agree to float32 rounding; ids, order, the verdict columns other than the scores and the files'
+    shapes are the whole run's exactly."""
+    parts = []
+    for i in range(3):
+        out = tmp_path / f"part{i}"
+        r = predict(binary, predict_models, inputs, out, *PACKED, "--input-shard", f"{i}/3")
+        assert r.returncode == 0, r.stderr
+        parts.append(out / SCORES)
+    merged = tmp_path / "all"
+    merged.mkdir()
+    assert run([binary, "merge", *parts, "-o", merged / SCORES]).returncode == 0
+    r = run([binary, "results", *inputs, "--scores", merged / SCORES, "--out-dir", merged])
+    assert r.returncode == 0, r.stderr
+    got = ref.read_results_as_pandas(merged / TEXT_FILES[0])
+    want = ref.read_results_as_pandas(single_packed / TEXT_FILES[0])
+    assert [g[0] for g in got] == [w[0] for w in want]
+    worst = max(max(abs(g[2] - w[2]), abs(g[3] - w[3])) for g, w in zip(got, want, strict=True))
+    assert worst < 1e-5, worst
+    verdicts = [
+        [ln.split("\t")[:5] for ln in (d / TEXT_FILES[2]).read_text().splitlines()]
+        for d in (merged, single_packed)
+    ]
+    assert verdicts[0] == verdicts[1]
