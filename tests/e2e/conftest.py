@@ -49,3 +49,25 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
         assert r.returncode == 0, f"export {flavor} failed:\n{r.stderr}"
         out[flavor] = Exported(flavor, d)
     return out
+
+
+def export(args: list[str], out: Path) -> Path:
+    r = run([sys.executable, "-m", "virnuc_export", *args, "--out", out], cwd=ROOT / "export")
+    assert r.returncode == 0, f"export {args} failed:\n{r.stderr}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def predict_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`predict`'s three models, random: ESM-2 8M and a 2-layer DNABERT-S (masked-flavor graphs,
+    which onnxruntime's Python API runs as they are) and classifiers for 768 + 320 and 768 + 480."""
+    d = tmp_path_factory.mktemp("predict_models")
+    return {
+        "esm": export(["--random", "esm2_t6_8M", "--seed", "0", "--attention", "masked"], d / "esm"),
+        "dnabert": export(
+            ["--random", "dnabert_s", "--layers", "2", "--seed", "0", "--attention", "masked"], d / "dnabert"
+        ),
+        # Seed 1: a classifier that calls some lambda frames viral and others not.
+        "classifier": export(["--random-classifier", "--esm-dim", "320", "--seed", "1"], d / "clf"),
+        "classifier_480": export(["--random-classifier", "--esm-dim", "480", "--seed", "0"], d / "clf480"),
+    }

@@ -11,14 +11,13 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import virnucpro_reference as ref
-from e2e_helpers import FIXTURES, ROOT, run
+from e2e_helpers import FIXTURES, run
 
 LAMBDA = FIXTURES / "lambda_virus.fa"
 KLEBSIELLA = FIXTURES / "klebsiella_HS11286_32kb.fa"
@@ -28,27 +27,6 @@ OUTPUTS = (
     "prediction_verdicts.tsv",
     "prediction_scores.h5",
 )
-
-
-def export(args: list[str], out: Path) -> Path:
-    r = run([sys.executable, "-m", "virnuc_export", *args, "--out", out], cwd=ROOT / "export")
-    assert r.returncode == 0, f"export {args} failed:\n{r.stderr}"
-    return out
-
-
-@pytest.fixture(scope="module")
-def predict_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Masked-flavor graphs (onnxruntime's Python API runs them as they are) and the classifier."""
-    d = tmp_path_factory.mktemp("predict_models")
-    return {
-        "esm": export(["--random", "esm2_t6_8M", "--seed", "0", "--attention", "masked"], d / "esm"),
-        "dnabert": export(
-            ["--random", "dnabert_s", "--layers", "2", "--seed", "0", "--attention", "masked"], d / "dnabert"
-        ),
-        # Seed 1: a classifier that calls some lambda frames viral and others not.
-        "classifier": export(["--random-classifier", "--esm-dim", "320", "--seed", "1"], d / "clf"),
-        "classifier_480": export(["--random-classifier", "--esm-dim", "480", "--seed", "0"], d / "clf480"),
-    }
 
 
 def predict(binary: Path, models: dict[str, Path], inputs: list[Path], out: Path, *extra: object):

@@ -1,8 +1,12 @@
-//! `embed --devices`: one worker process per device under one command.
+//! `--devices` (of `embed` and `predict`): one worker process per device under one command.
 //!
-//! The parent reads, translates and packs the input (the usual pipeline) and writes the one output;
-//! workers only run the engine. Each worker is this binary (`embed` with the parent's own arguments
-//! and a hidden `--worker-slot`), reading packs on its standard input and answering with their
+//! A run has one or more models (embed: one; predict: DNABERT-S and ESM-2, on the same device),
+//! each given by a [`ModelRun`]. The parent reads, translates and packs the input (the usual
+//! pipeline), tags each pack with the model it is for, and writes the one output; workers only run
+//! the engines. [`Engines`] is what a subcommand sees: the models in this process (no `--devices`)
+//! or a [`DevicePool`] of workers, with the same calls either way. Each worker is this binary (the
+//! parent's own subcommand and arguments and a hidden `--worker-slot`), which opens every model of
+//! the run on its device ([`serve`]), reads packs on its standard input and answers with their
 //! embeddings on its standard output, in a little-endian framing (below). A dispatcher hands each
 //! pack to a worker with fewer than [`IN_FLIGHT`] packs outstanding, so a slower device takes
 //! fewer. Packs are the ones a single process makes, so every embedding is computed in the same
@@ -16,10 +20,11 @@
 //! Fault injection for tests: `VIRNUC_FAULT_KILL_WORKER=k:n` makes worker `k` exit after sending
 //! `n` results in its first life (`k:n:every`: in every life).
 //!
-//! Framing. Parent → worker, per pack: `u64 pack id | u32 sequences | u32 tokens | u32 max_seqlen`,
+//! Framing. Parent → worker, per pack: `u64 pack id | u32 model | u32 sequences | u32 tokens | u32
+//! max_seqlen`,
 //! per sequence `u64 index | u64 record | u32 residues | u32 id length | id`, then `tokens` × i64
 //! input ids, `tokens` × i64 position ids, `sequences + 1` × i32 cu_seqlens. Worker → parent: one
-//! hello (`u32 length | JSON` of the engine's description), then per pack `u64 pack id | f64
+//! hello (`u32 length | JSON` list of each model's engine description), then per pack `u64 pack id | f64
 //! compute seconds | u32 rows | u32 hidden | rows × hidden f32 | u8 per-token | [u64 n | n f32]`;
 //! a pack id of `u64::MAX` carries an error message (`u32 length | text`) instead.
 
@@ -29,7 +34,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
+use crossbeam_channel::{Receiver, Select, Sender, bounded, select, unbounded};
 use serde::{Deserialize, Serialize};
 use virnuc_core::{PackedBatch, SequenceMeta};
 use virnuc_engine::{
@@ -73,6 +78,20 @@ impl DeviceList {
             }
         }
         Ok(Self::Gpus(list))
+    }
+
+    /// `--devices TEXT` for a run on provider `ep`: CPU workers only with `--ep cpu`, GPUs only
+    /// off it.
+    pub fn for_ep(text: &str, ep: virnuc_engine::Ep) -> Result<Self, String> {
+        let list = Self::parse(text)?;
+        match (&list, ep) {
+            (Self::Cpu(_), virnuc_engine::Ep::Cpu) => Ok(list),
+            (Self::Cpu(_), _) => Err("--devices cpu:N runs CPU workers: give --ep cpu too".into()),
+            (Self::Gpus(_), virnuc_engine::Ep::Cpu) => {
+                Err("--devices with --ep cpu: use cpu:N (N CPU worker processes)".into())
+            }
+            _ => Ok(list),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -200,9 +219,10 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-fn encode_pack(id: u64, b: &PackedBatch, out: &mut Vec<u8>) {
+fn encode_pack(id: u64, model: usize, b: &PackedBatch, out: &mut Vec<u8>) {
     out.clear();
     put_u64(out, id);
+    put_u32(out, model as u32);
     put_u32(out, b.sequences.len() as u32);
     put_u32(out, b.input_ids.len() as u32);
     put_u32(out, b.max_seqlen as u32);
@@ -257,13 +277,14 @@ impl<R: Read> Frames<R> {
             .collect())
     }
 
-    /// The next pack, or `None` at a clean end of stream.
-    fn pack(&mut self) -> std::io::Result<Option<(u64, PackedBatch)>> {
+    /// The next pack and the model it is for, or `None` at a clean end of stream.
+    fn pack(&mut self) -> std::io::Result<Option<(u64, usize, PackedBatch)>> {
         let id = match self.u64() {
             Ok(id) => id,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         };
+        let model = self.u32()? as usize;
         let n = self.u32()? as usize;
         let t = self.u32()? as usize;
         let max_seqlen = self.u32()? as usize;
@@ -295,6 +316,7 @@ impl<R: Read> Frames<R> {
             .collect();
         Ok(Some((
             id,
+            model,
             PackedBatch {
                 input_ids,
                 position_ids,
@@ -306,60 +328,204 @@ impl<R: Read> Frames<R> {
     }
 }
 
+// ---- the models of a run ----
+
+/// One model of a run: how its engine opens, and the pack size to warm it up with (GPUs).
+#[derive(Debug, Clone)]
+pub struct ModelRun {
+    /// For messages: "the engine for NAME", "NAME inference failed".
+    pub name: String,
+    pub options: EngineOptions,
+    pub warmup: Option<usize>,
+}
+
+/// Results of one model's packs, in the order the engine finished them.
+pub type Results = Receiver<Result<JobResult, virnuc_engine::EngineError>>;
+
+/// What the engines did: totals per model (in [`ModelRun`] order) and, under `--devices`, each
+/// device's part.
+#[derive(Debug, Clone, Default)]
+pub struct EnginesDone {
+    pub models: Vec<EngineThreadStats>,
+    pub devices: Option<Vec<DeviceReport>>,
+}
+
+/// The engines of a run: every model in this process, or one worker process per device each
+/// holding every model. Packs go in with the number of their model; each model's results come out
+/// of its own channel.
+pub enum Engines {
+    Local(Vec<(String, EngineThread)>),
+    Pool(DevicePool),
+}
+
+impl Engines {
+    /// Opens the models here (`devices` = `None`) or starts one worker per device (each opens all
+    /// of them); `queue` packs wait ahead of each model.
+    pub fn start(
+        models: Vec<ModelRun>,
+        devices: Option<&DeviceList>,
+        queue: usize,
+    ) -> Result<(Self, Vec<Results>)> {
+        match devices {
+            Some(list) => {
+                let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+                let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+                let (pool, results) =
+                    DevicePool::spawn(own_args, list.clone(), models.len(), queue).with_context(
+                        || {
+                            format!(
+                                "cannot start the device workers for {}",
+                                names.join(" and ")
+                            )
+                        },
+                    )?;
+                Ok((Self::Pool(pool), results))
+            }
+            None => {
+                let mut engines = Vec::with_capacity(models.len());
+                let mut results = Vec::with_capacity(models.len());
+                for m in models {
+                    let (engine, r) = EngineThread::spawn(m.options, m.warmup, queue)
+                        .with_context(|| format!("cannot start the engine for {}", m.name))?;
+                    engines.push((m.name, engine));
+                    results.push(r);
+                }
+                Ok((Self::Local(engines), results))
+            }
+        }
+    }
+
+    /// The engine of model `model` (under `--devices`: as the first worker opened it).
+    pub fn info(&self, model: usize) -> &EngineInfo {
+        match self {
+            Self::Local(e) => e[model.min(e.len() - 1)].1.info(),
+            Self::Pool(p) => p.info(model),
+        }
+    }
+
+    pub fn submit(&self, model: usize, batch: PackedBatch) -> Result<()> {
+        match self {
+            Self::Local(e) => e
+                .get(model)
+                .ok_or_else(|| anyhow!("internal error: a pack for model {model}"))?
+                .1
+                .submit(batch)
+                .map_err(|e| anyhow!(e)),
+            Self::Pool(p) => p.submit(model, batch),
+        }
+    }
+
+    /// Waits for every pack to be done. The first model whose engine failed is the error.
+    pub fn finish(self) -> Result<EnginesDone> {
+        match self {
+            Self::Local(engines) => {
+                let mut models = Vec::with_capacity(engines.len());
+                let mut first_error = None;
+                for (name, e) in engines {
+                    match e.finish() {
+                        Ok(s) => models.push(s),
+                        Err(err) => {
+                            first_error.get_or_insert_with(|| {
+                                anyhow!(err).context(format!("{name} inference failed"))
+                            });
+                        }
+                    }
+                }
+                match first_error {
+                    Some(e) => Err(e),
+                    None => Ok(EnginesDone {
+                        models,
+                        devices: None,
+                    }),
+                }
+            }
+            Self::Pool(p) => p.finish(),
+        }
+    }
+}
+
 // ---- the worker process ----
 
-/// Worker mode: opens the engine, says hello, embeds packs from standard input until it closes.
-pub fn serve(
-    slot: WorkerSlot,
-    options: EngineOptions,
-    warmup: Option<usize>,
-    queue: usize,
-) -> Result<()> {
+/// Worker mode: opens every model's engine on this worker's device, says hello, runs the packs
+/// from standard input (each on its model's engine) until it closes.
+pub fn serve(slot: WorkerSlot, models: Vec<ModelRun>, queue: usize) -> Result<()> {
     let t0 = Instant::now();
-    let (engine, results) = EngineThread::spawn(options, warmup, queue)
-        .context("cannot start the engine in the worker")?;
-    let info = engine.info().clone();
-    let open_s = t0.elapsed().as_secs_f64();
-    let hello = Hello {
-        ep: info.ep.to_string(),
-        ep_note: info.ep_note.clone(),
-        metadata: info.metadata.clone(),
-        model_path: info.model_path.clone(),
-        ort_library: info.ort_library.clone(),
-        ort_version: info.ort_version.clone(),
-        hidden_size: info.hidden_size,
-        per_token: info.per_token,
-        open_s,
-        warmup_s: 0.0,
-    };
+    let mut engines = Vec::with_capacity(models.len());
+    let mut results = Vec::with_capacity(models.len());
+    let mut hellos = Vec::with_capacity(models.len());
+    for m in models {
+        let (engine, r) = EngineThread::spawn(m.options, m.warmup, queue)
+            .with_context(|| format!("cannot start the engine for {} in the worker", m.name))?;
+        let info = engine.info().clone();
+        hellos.push(Hello {
+            ep: info.ep.to_string(),
+            ep_note: info.ep_note.clone(),
+            metadata: info.metadata.clone(),
+            model_path: info.model_path.clone(),
+            ort_library: info.ort_library.clone(),
+            ort_version: info.ort_version.clone(),
+            hidden_size: info.hidden_size,
+            per_token: info.per_token,
+            open_s: t0.elapsed().as_secs_f64(),
+            warmup_s: 0.0,
+        });
+        engines.push(engine);
+        results.push(r);
+    }
     let stdout = std::io::stdout();
     let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
-    let json = serde_json::to_vec(&hello)?;
+    let json = serde_json::to_vec(&hellos)?;
     out.write_all(&(json.len() as u32).to_le_bytes())?;
     out.write_all(&json)?;
     out.flush()?;
     let fault = fault_for(slot);
-    // Pack ids travel beside the engine in submission order (the engine thread keeps it).
-    let (ids_tx, ids_rx) = unbounded::<u64>();
+    // Pack ids travel beside each engine in submission order (an engine thread keeps it).
+    let (ids_tx, ids_rx): (Vec<Sender<u64>>, Vec<Receiver<u64>>) =
+        (0..engines.len()).map(|_| unbounded::<u64>()).unzip();
     let feeder = std::thread::Builder::new()
         .name("virnuc-worker-in".into())
         .spawn(move || -> Result<()> {
             let mut frames = Frames {
                 r: BufReader::with_capacity(1 << 20, std::io::stdin().lock()),
             };
-            while let Some((id, batch)) = frames.pack().context("reading a pack from the parent")? {
-                ids_tx.send(id).map_err(|_| anyhow!("worker stopped"))?;
+            while let Some((id, model, batch)) =
+                frames.pack().context("reading a pack from the parent")?
+            {
+                let (Some(engine), Some(ids)) = (engines.get(model), ids_tx.get(model)) else {
+                    bail!("the parent sent a pack for model {model}");
+                };
+                ids.send(id).map_err(|_| anyhow!("worker stopped"))?;
                 if engine.submit(batch).is_err() {
                     break;
                 }
             }
             drop(ids_tx);
-            engine.finish().map(|_| ()).map_err(|e| anyhow!(e))
+            for engine in engines {
+                engine.finish().map_err(|e| anyhow!(e))?;
+            }
+            Ok(())
         })?;
     let mut sent = 0u64;
     let mut buf = Vec::new();
-    for r in results.iter() {
-        let id = ids_rx.recv().map_err(|_| anyhow!("pack ids out of step"))?;
+    let mut open: Vec<bool> = vec![true; results.len()];
+    while open.iter().any(|&o| o) {
+        let mut sel = Select::new();
+        let live: Vec<usize> = (0..results.len()).filter(|&k| open[k]).collect();
+        for &k in &live {
+            sel.recv(&results[k]);
+        }
+        let op = sel.select();
+        let k = live[op.index()];
+        let r = match op.recv(&results[k]) {
+            Ok(r) => r,
+            Err(_) => {
+                open[k] = false;
+                continue;
+            }
+        };
+        let id = ids_rx[k]
+            .recv()
+            .map_err(|_| anyhow!("pack ids out of step"))?;
         match r {
             Ok(JobResult { embeddings: e, .. }) => {
                 if fault == Some(sent) {
@@ -411,10 +577,12 @@ pub fn serve(
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DeviceReport {
     pub device: String,
+    /// Packs of every model of the run.
     pub packs: u64,
     pub sequences: u64,
     pub tokens: u64,
-    /// Σ engine run time / the run's embed wall time.
+    /// Σ engine run time / the run's wall time (several models on one device can add up to more
+    /// than one; capped at 1).
     pub busy_fraction: f64,
     /// Times the worker was started again after dying.
     pub restarts: u32,
@@ -441,9 +609,12 @@ enum Event {
     },
 }
 
+/// A pack handed out: its model and its contents (kept until its result is in).
+type Handed = (u64, usize, std::sync::Arc<PackedBatch>);
+
 struct Worker {
     child: Child,
-    input: Option<Sender<(u64, std::sync::Arc<PackedBatch>)>>,
+    input: Option<Sender<Handed>>,
     life: u32,
     outstanding: Vec<u64>,
     alive: bool,
@@ -452,12 +623,13 @@ struct Worker {
 struct Spawner {
     args: Vec<std::ffi::OsString>,
     devices: DeviceList,
+    models: usize,
     events: Sender<Event>,
 }
 
 impl Spawner {
-    /// Starts worker `k` (life `life`) and waits for its hello.
-    fn start(&self, k: usize, life: u32) -> Result<(Worker, Hello)> {
+    /// Starts worker `k` (life `life`) and waits for its hello (one engine per model).
+    fn start(&self, k: usize, life: u32) -> Result<(Worker, Vec<Hello>)> {
         let slot = format!("{k},{},{life}", self.devices.device(k));
         let exe = std::env::current_exe().context("cannot find this program to start workers")?;
         let mut child = Command::new(exe)
@@ -480,14 +652,24 @@ impl Spawner {
         let mut frames = Frames {
             r: BufReader::with_capacity(1 << 20, stdout),
         };
-        let hello = (|| -> std::io::Result<Hello> {
+        let hello = (|| -> std::io::Result<Vec<Hello>> {
             let n = frames.u32()? as usize;
             let json = frames.vec(n)?;
             serde_json::from_slice(&json)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
         })();
         let hello = match hello {
-            Ok(h) => h,
+            Ok(h) if h.len() == self.models => h,
+            Ok(h) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the worker for {} opened {} models, not {}",
+                    self.devices.name(k),
+                    h.len(),
+                    self.models
+                );
+            }
             Err(e) => {
                 let status = child.wait().ok();
                 bail!(
@@ -496,7 +678,7 @@ impl Spawner {
                 );
             }
         };
-        let (tx, rx) = unbounded::<(u64, std::sync::Arc<PackedBatch>)>();
+        let (tx, rx) = unbounded::<Handed>();
         std::thread::Builder::new()
             .name(format!("virnuc-to-worker-{k}"))
             .spawn(move || feed_worker(stdin, rx))?;
@@ -517,11 +699,11 @@ impl Spawner {
     }
 }
 
-fn feed_worker(stdin: ChildStdin, rx: Receiver<(u64, std::sync::Arc<PackedBatch>)>) {
+fn feed_worker(stdin: ChildStdin, rx: Receiver<Handed>) {
     let mut out = BufWriter::with_capacity(1 << 20, stdin);
     let mut buf = Vec::new();
-    for (id, batch) in rx {
-        encode_pack(id, &batch, &mut buf);
+    for (id, model, batch) in rx {
+        encode_pack(id, model, &batch, &mut buf);
         // A write error means the worker died; its reader reports that.
         if out.write_all(&buf).and_then(|()| out.flush()).is_err() {
             return;
@@ -587,31 +769,28 @@ fn read_worker(
     let _ = events.send(Event::Died { worker, life, why });
 }
 
-/// What the dispatcher returns: the run's engine totals and each device's part.
-type PoolOutcome = Result<(EngineThreadStats, Vec<DeviceReport>)>;
-
-/// The workers of one `--devices` run, used like an [`EngineThread`].
+/// The workers of one `--devices` run, used through [`Engines`].
 pub struct DevicePool {
-    packs: Option<Sender<PackedBatch>>,
-    dispatcher: Option<std::thread::JoinHandle<PoolOutcome>>,
-    info: EngineInfo,
+    packs: Option<Sender<(usize, PackedBatch)>>,
+    dispatcher: Option<std::thread::JoinHandle<Result<EnginesDone>>>,
+    infos: Vec<EngineInfo>,
 }
 
 impl DevicePool {
     /// Starts one worker per device with this process's own arguments (`args`, without the
-    /// program name) and waits until every one has its engine open.
-    pub fn spawn(
+    /// program name), each opening the run's `models` engines, and waits until every one has
+    /// them open. Returns one result channel per model.
+    fn spawn(
         args: Vec<std::ffi::OsString>,
         devices: DeviceList,
+        models: usize,
         queue: usize,
-    ) -> Result<(
-        Self,
-        Receiver<Result<JobResult, virnuc_engine::EngineError>>,
-    )> {
+    ) -> Result<(Self, Vec<Results>)> {
         let (events_tx, events_rx) = unbounded::<Event>();
         let spawner = Spawner {
             args,
             devices,
+            models,
             events: events_tx,
         };
         let t0 = Instant::now();
@@ -624,8 +803,9 @@ impl DevicePool {
         }
         let hello = hello.ok_or_else(|| anyhow!("--devices lists no device"))?;
         let open_s = t0.elapsed().as_secs_f64();
-        let (packs_tx, packs_rx) = bounded::<PackedBatch>(queue.max(1));
-        let (out_tx, out_rx) = bounded(queue.max(1) * 4);
+        let (packs_tx, packs_rx) = bounded::<(usize, PackedBatch)>(queue.max(1));
+        let (out_tx, out_rx): (Vec<_>, Vec<_>) =
+            (0..models).map(|_| bounded(queue.max(1) * 4)).unzip();
         let dispatcher = std::thread::Builder::new()
             .name("virnuc-dispatcher".into())
             .spawn(move || dispatch(spawner, workers, events_rx, packs_rx, out_tx, open_s))?;
@@ -633,25 +813,28 @@ impl DevicePool {
             Self {
                 packs: Some(packs_tx),
                 dispatcher: Some(dispatcher),
-                info: hello.info(),
+                infos: hello.iter().map(Hello::info).collect(),
             },
             out_rx,
         ))
     }
 
-    pub fn info(&self) -> &EngineInfo {
-        &self.info
+    fn info(&self, model: usize) -> &EngineInfo {
+        &self.infos[model.min(self.infos.len() - 1)]
     }
 
-    pub fn submit(&self, batch: PackedBatch) -> Result<()> {
+    fn submit(&self, model: usize, batch: PackedBatch) -> Result<()> {
+        if model >= self.infos.len() {
+            bail!("internal error: a pack for model {model}");
+        }
         self.packs
             .as_ref()
             .ok_or_else(|| anyhow!("already finished"))?
-            .send(batch)
+            .send((model, batch))
             .map_err(|_| anyhow!("the devices stopped (see the error reported with the results)"))
     }
 
-    pub fn finish(mut self) -> Result<(EngineThreadStats, Vec<DeviceReport>)> {
+    fn finish(mut self) -> Result<EnginesDone> {
         self.packs.take();
         self.dispatcher
             .take()
@@ -665,10 +848,10 @@ fn dispatch(
     spawner: Spawner,
     mut workers: Vec<Worker>,
     events: Receiver<Event>,
-    packs: Receiver<PackedBatch>,
-    out: Sender<Result<JobResult, virnuc_engine::EngineError>>,
+    packs: Receiver<(usize, PackedBatch)>,
+    out: Vec<Sender<Result<JobResult, virnuc_engine::EngineError>>>,
     open_s: f64,
-) -> Result<(EngineThreadStats, Vec<DeviceReport>)> {
+) -> Result<EnginesDone> {
     let n = workers.len();
     let mut reports: Vec<DeviceReport> = (0..n)
         .map(|k| DeviceReport {
@@ -677,32 +860,40 @@ fn dispatch(
         })
         .collect();
     let mut busy = vec![0f64; n];
-    let mut table: HashMap<u64, std::sync::Arc<PackedBatch>> = HashMap::new();
+    let mut model_busy = vec![0f64; out.len()];
+    let mut table: HashMap<u64, (usize, std::sync::Arc<PackedBatch>)> = HashMap::new();
     let mut retry: VecDeque<u64> = VecDeque::new();
     let mut next_id = 0u64;
     let mut input_open = true;
     let mut first: Option<Instant> = None;
-    let mut stats = EngineThreadStats {
-        open_s,
-        ..EngineThreadStats::default()
+    let mut stats: Vec<EngineThreadStats> = (0..out.len())
+        .map(|_| EngineThreadStats {
+            open_s,
+            ..EngineThreadStats::default()
+        })
+        .collect();
+    let mut take_in = |(model, batch): (usize, PackedBatch),
+                       table: &mut HashMap<u64, (usize, std::sync::Arc<PackedBatch>)>|
+     -> u64 {
+        first.get_or_insert_with(Instant::now);
+        let id = next_id;
+        next_id += 1;
+        table.insert(id, (model, std::sync::Arc::new(batch)));
+        id
     };
+    // Packs outstanding per worker: [`IN_FLIGHT`] for each of its engines.
+    let in_flight = IN_FLIGHT * out.len().max(1);
     let result = loop {
         // Hand out work while some live worker has room: retried packs first.
         while let Some(k) = (0..n)
-            .filter(|&k| workers[k].alive && workers[k].outstanding.len() < IN_FLIGHT)
+            .filter(|&k| workers[k].alive && workers[k].outstanding.len() < in_flight)
             .min_by_key(|&k| workers[k].outstanding.len())
         {
             let id = if let Some(id) = retry.pop_front() {
                 id
             } else if input_open {
                 match packs.try_recv() {
-                    Ok(batch) => {
-                        first.get_or_insert_with(Instant::now);
-                        let id = next_id;
-                        next_id += 1;
-                        table.insert(id, std::sync::Arc::new(batch));
-                        id
-                    }
+                    Ok(p) => take_in(p, &mut table),
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => {
                         input_open = false;
@@ -712,14 +903,14 @@ fn dispatch(
             } else {
                 break;
             };
-            let batch = table
+            let (model, batch) = table
                 .get(&id)
                 .cloned()
                 .ok_or_else(|| anyhow!("pack {id} lost"))?;
             let w = &mut workers[k];
             w.outstanding.push(id);
             if let Some(tx) = &w.input {
-                let _ = tx.send((id, batch));
+                let _ = tx.send((id, model, batch));
             }
         }
         if !input_open && table.is_empty() {
@@ -727,7 +918,7 @@ fn dispatch(
         }
         if workers.iter().all(|w| !w.alive) {
             break Err(anyhow::Error::new(crate::exit::EngineFailure(format!(
-                "every device worker died; {} packs not embedded ({})",
+                "every device worker died; {} packs not done ({})",
                 table.len(),
                 reports
                     .iter()
@@ -748,17 +939,14 @@ fn dispatch(
         }
         let has_room = workers
             .iter()
-            .any(|w| w.alive && w.outstanding.len() < IN_FLIGHT);
+            .any(|w| w.alive && w.outstanding.len() < in_flight);
         let event = if input_open && has_room && retry.is_empty() {
             select! {
                 recv(events) -> e => e.ok(),
                 recv(packs) -> p => {
                     match p {
-                        Ok(batch) => {
-                            first.get_or_insert_with(Instant::now);
-                            let id = next_id;
-                            next_id += 1;
-                            table.insert(id, std::sync::Arc::new(batch));
+                        Ok(p) => {
+                            let id = take_in(p, &mut table);
                             retry.push_back(id);
                         }
                         Err(_) => input_open = false,
@@ -787,7 +975,7 @@ fn dispatch(
                     continue; // a late answer of a worker since replaced
                 }
                 w.outstanding.retain(|&x| x != id);
-                let Some(batch) = table.remove(&id) else {
+                let Some((model, batch)) = table.remove(&id) else {
                     continue;
                 };
                 let r = &mut reports[worker];
@@ -795,9 +983,11 @@ fn dispatch(
                 r.sequences += batch.num_sequences() as u64;
                 r.tokens += batch.num_tokens() as u64;
                 busy[worker] += compute;
-                stats.packs += 1;
-                stats.sequences += batch.num_sequences() as u64;
-                stats.tokens += batch.num_tokens() as u64;
+                model_busy[model] += compute;
+                let s = &mut stats[model];
+                s.packs += 1;
+                s.sequences += batch.num_sequences() as u64;
+                s.tokens += batch.num_tokens() as u64;
                 let batch = std::sync::Arc::try_unwrap(batch).unwrap_or_else(|a| (*a).clone());
                 let job = JobResult {
                     batch,
@@ -808,7 +998,7 @@ fn dispatch(
                         compute: Duration::from_secs_f64(compute),
                     },
                 };
-                if out.send(Ok(job)).is_err() {
+                if out[model].send(Ok(job)).is_err() {
                     break Err(anyhow!("the writer stopped"));
                 }
             }
@@ -864,7 +1054,6 @@ fn dispatch(
     }
     result?;
     let wall = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
-    stats.wall_s = wall;
     for (k, r) in reports.iter_mut().enumerate() {
         r.busy_fraction = if wall > 0.0 {
             (busy[k] / wall).min(1.0)
@@ -872,9 +1061,15 @@ fn dispatch(
             0.0
         };
     }
-    // The whole run's busy share: the mean over the devices.
-    stats.busy_s = busy.iter().sum::<f64>() / n.max(1) as f64;
-    Ok((stats, reports))
+    for (s, b) in stats.iter_mut().zip(&model_busy) {
+        s.wall_s = wall;
+        // The model's busy share of the run: the mean over the devices.
+        s.busy_s = b / n.max(1) as f64;
+    }
+    Ok(EnginesDone {
+        models: stats,
+        devices: Some(reports),
+    })
 }
 
 #[cfg(test)]
@@ -902,6 +1097,18 @@ mod tests {
     }
 
     #[test]
+    fn device_lists_must_fit_the_provider() {
+        use virnuc_engine::Ep;
+        assert_eq!(DeviceList::for_ep("cpu:2", Ep::Cpu), Ok(DeviceList::Cpu(2)));
+        assert_eq!(
+            DeviceList::for_ep("0,1", Ep::Cuda),
+            Ok(DeviceList::Gpus(vec![0, 1]))
+        );
+        assert!(DeviceList::for_ep("cpu:2", Ep::Auto).is_err_and(|e| e.contains("--ep cpu")));
+        assert!(DeviceList::for_ep("0,1", Ep::Cpu).is_err_and(|e| e.contains("cpu:N")));
+    }
+
+    #[test]
     fn packs_round_trip_through_the_framing() {
         let mut b = PackedBatch::default();
         for (i, len) in [3usize, 7, 4].iter().enumerate() {
@@ -916,12 +1123,12 @@ mod tests {
             );
         }
         let mut buf = Vec::new();
-        encode_pack(42, &b, &mut buf);
+        encode_pack(42, 1, &b, &mut buf);
         buf.extend_from_slice(&buf.clone());
         let mut frames = Frames { r: &buf[..] };
         for _ in 0..2 {
-            let (id, got) = frames.pack().expect("reads").expect("a pack");
-            assert_eq!(id, 42);
+            let (id, model, got) = frames.pack().expect("reads").expect("a pack");
+            assert_eq!((id, model), (42, 1));
             assert_eq!(got, b);
         }
         assert!(frames.pack().expect("clean end").is_none());

@@ -15,10 +15,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use virnuc_build::engine_build::check_engine_dir;
 use virnuc_data::RunReport;
-use virnuc_engine::{EngineInfo, EngineOptions, EngineThread, EngineThreadStats, Ep};
+use virnuc_engine::{EngineInfo, EngineOptions, EngineThreadStats, Ep};
 use virnuc_output::{EmbeddingWriter, FinishSummary, OutputConfig, OutputError};
 
-use crate::devices::{DevicePool, DeviceReport};
+use crate::devices::{DeviceReport, Engines, ModelRun};
 use crate::exit;
 use crate::settings::{CPU_TOKS_PER_BATCH, EmbedArgs, EmbedSettings, usage};
 
@@ -269,25 +269,17 @@ fn run_checked(
     }
     // Warm up at the largest pack on GPUs (allocations, kernel choices); the CPU needs none.
     let warmup = (s.ep != Ep::Cpu).then_some(s.toks_per_batch);
+    let models = vec![ModelRun {
+        name: s.model.display().to_string(),
+        options,
+        warmup,
+    }];
     if let Some(slot) = s.worker {
-        return crate::devices::serve(slot, options, warmup, s.prefetch);
+        return crate::devices::serve(slot, models, s.prefetch);
     }
-    let (engine, results) = match &s.devices {
-        Some(list) => {
-            let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-            let (pool, results) = DevicePool::spawn(own_args, list.clone(), s.prefetch)
-                .with_context(|| {
-                    format!("cannot start the device workers for {}", s.model.display())
-                })?;
-            (Runner::Pool(pool), results)
-        }
-        None => {
-            let (engine, results) = EngineThread::spawn(options, warmup, s.prefetch)
-                .with_context(|| format!("cannot start the engine for {}", s.model.display()))?;
-            (Runner::One(engine), results)
-        }
-    };
-    let info = engine.info().clone();
+    let (engine, mut results) = Engines::start(models, s.devices.as_ref(), s.prefetch)?;
+    let results = results.remove(0);
+    let info = engine.info(0).clone();
     if info.ep == "cpu" && !s.toks_per_batch_set && s.engine.is_none() {
         // `auto` ended on the CPU: use the CPU's budget (attention memory grows with the pack).
         s.toks_per_batch = CPU_TOKS_PER_BATCH;
@@ -469,7 +461,7 @@ fn run_checked(
                 if p.sequences.iter().all(|m| done(m.index)) {
                     continue;
                 }
-                if engine.submit(p).is_err() {
+                if engine.submit(0, p).is_err() {
                     break;
                 }
             }
@@ -487,7 +479,7 @@ fn run_checked(
     }
     let engine_stats = engine.finish();
     let (engine_stats, device_reports) = match engine_stats {
-        Ok((stats, reports)) => (Ok(stats), reports),
+        Ok(mut done) => (Ok(done.models.remove(0)), done.devices),
         Err(e) => (Err(e), None),
     };
     let (written, write_result) = writer_thread
@@ -515,7 +507,7 @@ fn run_checked(
     let failure = match (write_result, engine_stats, feed_error) {
         (_, _, Some(e)) => Err(e),
         (Err(e), _, _) => Err(e),
-        (_, Err(e), _) => Err(e.context("inference failed")),
+        (_, Err(e), _) => Err(e),
         (Ok(()), Ok(stats), None) => Ok(stats),
     };
     let failure = failure.and_then(|stats| match data {
@@ -549,35 +541,6 @@ fn run_checked(
         t0,
         progress,
     )
-}
-
-/// The engine of a run: one in this process, or one worker process per device.
-enum Runner {
-    One(EngineThread),
-    Pool(DevicePool),
-}
-
-impl Runner {
-    fn info(&self) -> &EngineInfo {
-        match self {
-            Self::One(e) => e.info(),
-            Self::Pool(p) => p.info(),
-        }
-    }
-
-    fn submit(&self, batch: virnuc_core::PackedBatch) -> Result<()> {
-        match self {
-            Self::One(e) => e.submit(batch).map_err(|e| anyhow!(e)),
-            Self::Pool(p) => p.submit(batch),
-        }
-    }
-
-    fn finish(self) -> Result<(EngineThreadStats, Option<Vec<DeviceReport>>)> {
-        match self {
-            Self::One(e) => e.finish().map(|s| (s, None)).map_err(|e| anyhow!(e)),
-            Self::Pool(p) => p.finish().map(|(s, r)| (s, Some(r))),
-        }
-    }
 }
 
 /// The tokenizer of the engine's model family: the ESM-2 alphabet, or the export's `tokenizer.json`

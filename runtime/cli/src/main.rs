@@ -4,6 +4,7 @@
 //! virnuc-trt embed reads.fa --model out/esm2_t36_3B --out embeddings.h5      # FASTA → HDF5
 //! virnuc-trt translate contigs.fa --chunk 500 -o proteins.fa                 # what embed would send
 //! virnuc-trt merge part0.h5 part1.h5 part2.h5 -o all.h5                     # join --input-shard runs
+//! virnuc-trt results reads.fa --scores all/prediction_scores.h5 --out-dir all  # VirNucPro's files
 //! ```
 //!
 //! Exit status (every subcommand; see [`exit`] and docs/failures.md): 0 success, 1 `gate` failed,
@@ -20,6 +21,7 @@ mod exit;
 mod gate_cmd;
 mod merge_cmd;
 mod predict;
+mod results_cmd;
 mod settings;
 mod translate;
 
@@ -56,6 +58,7 @@ enum Command {
     ///
     /// VirNucPro's chunking and translation by default (its classifier was trained on them). Any
     /// setting can also come from a YAML run config (--config run.yaml, long flag names with `_`).
+    #[command(after_help = EXIT_STATUS)]
     Predict(Box<predict::PredictArgs>),
     /// Write the proteins `embed` would send to the model (same names and order) as FASTA.
     #[command(after_help = EXIT_STATUS)]
@@ -67,10 +70,21 @@ enum Command {
     /// 2 usage, 3+ could not run (see the exit status below).
     #[command(after_help = EXIT_STATUS)]
     Gate(Box<gate_cmd::GateArgs>),
-    /// Join the outputs of `embed --input-shard I/N` (every I of one N) into one file in input
-    /// order, as one run over the whole input writes it; parts of different runs, a missing or a
-    /// repeated shard are refused.
+    /// Join the outputs of `embed --input-shard I/N` or the prediction_scores.h5 of `predict
+    /// --input-shard I/N` (every I of one N) into one file in input order, as one run over the
+    /// whole input writes it; parts of different runs or subcommands, a missing or a repeated
+    /// shard are refused.
+    #[command(after_help = EXIT_STATUS)]
     Merge(Box<merge_cmd::MergeArgs>),
+    /// VirNucPro's prediction_results.txt and prediction_results_highestscore.csv and the
+    /// verdicts, from a finished prediction_scores.h5 (one predict run's, or the merge of every
+    /// `predict --input-shard` part) and the inputs it was computed from.
+    ///
+    /// The chunk length and translation are read from the scores file; the models are not needed.
+    /// After `merge` of the shards' scores, the files equal those of one `predict` over the whole
+    /// input.
+    #[command(after_help = EXIT_STATUS)]
+    Results(Box<results_cmd::ResultsArgs>),
 }
 
 /// The exit status table, shown by every `--help`.
@@ -99,6 +113,7 @@ fn main() -> ExitCode {
         Command::Build(args) => build_cmd::run(args),
         Command::Gate(args) => gate_cmd::run(args),
         Command::Merge(args) => merge_cmd::run(args),
+        Command::Results(args) => results_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,7 @@
-//! `virnuc-trt merge`: the outputs of `embed --input-shard I/N` (all N of them) joined into the
-//! file one run over the whole input writes, in input order, in bounded memory.
+//! `virnuc-trt merge`: the outputs of `embed --input-shard I/N`, or the prediction_scores.h5 of
+//! `predict --input-shard I/N` (all N of them), joined into the file one run over the whole input
+//! writes, in input order, in bounded memory. `virnuc-trt results` then writes VirNucPro's files
+//! from merged predict scores.
 
 use std::path::PathBuf;
 
@@ -10,7 +12,8 @@ use virnuc_output::{DEFAULT_BLOCK_ROWS, merge_outputs};
 /// Flags of `virnuc-trt merge`.
 #[derive(Debug, Clone, Args)]
 pub struct MergeArgs {
-    /// The parts: the `--out` files of `embed --input-shard I/N` for every I of one N, any order.
+    /// The parts, any order: the `--out` files of `embed --input-shard I/N`, or the
+    /// prediction_scores.h5 files of `predict --input-shard I/N`, for every I of one N.
     #[arg(value_name = "PART.h5", required = true)]
     pub parts: Vec<PathBuf>,
     /// The merged file (refused if it exists; written under a temporary name, then renamed).

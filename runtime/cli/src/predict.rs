@@ -31,10 +31,8 @@ use virnuc_core::{ModelFamily, ModelMetadata, SequenceMeta, TokenizerSpec};
 use virnuc_data::chunk::chunk_count;
 use virnuc_data::loader::Source;
 use virnuc_data::translate::{Ambiguity, Frame, FrameOutcome, Translator};
-use virnuc_data::{Encoder, LongPolicy, Mode, PipelineConfig, RunReport};
-use virnuc_engine::{
-    EngineInfo, EngineOptions, EngineThread, EngineThreadStats, Ep, JobResult, ModelFiles,
-};
+use virnuc_data::{Encoder, InputShard, LongPolicy, Mode, PipelineConfig, RunReport};
+use virnuc_engine::{EngineInfo, EngineOptions, EngineThreadStats, Ep, JobResult, ModelFiles};
 use virnuc_output::{EmbeddingWriter, OutputConfig, OutputDtype, OutputError};
 use virnuc_predict::Classifier;
 use virnuc_predict::results::{
@@ -42,6 +40,7 @@ use virnuc_predict::results::{
     VERDICTS_HEADER, results_line, verdict,
 };
 
+use crate::devices::{DeviceList, DeviceReport, Engines, ModelRun, WorkerSlot};
 use crate::embed::write_atomic;
 use crate::settings::{CPU_TOKS_PER_BATCH, GPU_TOKS_PER_BATCH, UsageError, usage};
 
@@ -53,6 +52,7 @@ pub const REPORT_FILE: &str = "predict_report.json";
 const MAX_RESIDUES: usize = 1022;
 /// Encoder order in the pipeline (the tag of each pack): DNABERT-S 0, ESM-2 1.
 const DNABERT: usize = 0;
+const ESM: usize = 1;
 
 /// Flags of `virnuc-trt predict`.
 #[derive(Debug, Clone, Args)]
@@ -129,6 +129,29 @@ pub struct PredictArgs {
     /// Skip the sha256 check of model.onnx against model.json.
     #[arg(long)]
     pub skip_hash: bool,
+    /// Predict only part I of N of the input (0 ≤ I < N): the records at positions ≡ I mod N, all
+    /// files in order, each record whole. Run N of them (a scheduler's job array: `--input-shard
+    /// $SLURM_ARRAY_TASK_ID/N`), each with its own --out-dir, then `virnuc-trt merge` their
+    /// prediction_scores.h5 and `virnuc-trt results` the merged file for VirNucPro's files of the
+    /// whole input. A shard's own text files cover its records only.
+    #[arg(long, value_name = "I/N", env = "VIRNUC_INPUT_SHARD")]
+    pub input_shard: Option<InputShard>,
+    /// Several devices under one command: `0,1,2,3` (GPU indices), `all` (every visible GPU), or
+    /// `cpu:N` (N worker processes on the CPU provider, with --ep cpu). Each worker process opens
+    /// both models on its device; frames are packed here and the packs handed out as devices free
+    /// up; one output folder in input order, the same files as one device writes; one report with
+    /// a section per device. A worker that dies is started again once; then the others take its
+    /// share and the report names it.
+    #[arg(
+        long,
+        value_name = "LIST",
+        env = "VIRNUC_DEVICES",
+        conflicts_with = "device"
+    )]
+    pub devices: Option<String>,
+    /// Internal: this process is worker K of a --devices run (`K,DEVICE,LIFE`).
+    #[arg(long, hide = true, value_name = "K,DEVICE,LIFE")]
+    pub worker_slot: Option<WorkerSlot>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -158,6 +181,8 @@ pub struct PredictConfig {
     pub kernel_dir: Option<PathBuf>,
     pub shard_sequences: Option<usize>,
     pub skip_hash: Option<bool>,
+    pub input_shard: Option<InputShard>,
+    pub devices: Option<String>,
 }
 
 impl PredictConfig {
@@ -219,6 +244,11 @@ pub struct PredictSettings {
     pub shard_sequences: usize,
     pub skip_hash: bool,
     pub quiet: bool,
+    pub input_shard: Option<InputShard>,
+    /// `--devices`: one worker process per device (`None` in a worker).
+    pub devices: Option<DeviceList>,
+    /// Set in a worker process of a `--devices` run.
+    pub worker: Option<WorkerSlot>,
 }
 
 impl PredictSettings {
@@ -306,7 +336,24 @@ impl PredictSettings {
             shard_sequences: a.shard_sequences.or(c.shard_sequences).unwrap_or(4096),
             skip_hash: a.skip_hash || c.skip_hash.unwrap_or(false),
             quiet: a.quiet,
+            input_shard: a.input_shard.or(c.input_shard),
+            devices: None,
+            worker: a.worker_slot,
         };
+        let mut s = s;
+        if let Some(shard) = s.input_shard
+            && !shard.is_valid()
+        {
+            return usage(format!("--input-shard {shard}: I must be below N"));
+        }
+        match (&s.worker, a.devices.as_ref().or(c.devices.as_ref())) {
+            (Some(w), _) => s.device = Some(w.device),
+            (None, Some(text)) => match DeviceList::for_ep(text, s.ep) {
+                Ok(list) => s.devices = Some(list),
+                Err(e) => return usage(e),
+            },
+            (None, None) => {}
+        }
         if !(3..=1 << 24).contains(&s.toks_per_batch) {
             return usage(format!(
                 "--toks-per-batch {} outside 3..=16777216",
@@ -441,6 +488,8 @@ pub struct PredictReport {
     pub virnucpro_compat: bool,
     pub chunk_len: usize,
     pub ep: &'static str,
+    /// `--input-shard I/N`: the files hold the records of this shard only.
+    pub input_shard: Option<String>,
     pub records: u64,
     pub records_without_frames: u64,
     /// Up to 100 of them (all are in prediction_verdicts.tsv with verdict `no_frames`).
@@ -459,6 +508,9 @@ pub struct PredictReport {
     /// First pack in to last pack out, both engines.
     pub predict_wall_s: f64,
     pub frames_per_s: f64,
+    /// `--devices`: what each device did (packs, busy share, restarts, whether it failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<DeviceReport>>,
     /// The data path's report of the inference pass (every record accounted for).
     pub data: Option<RunReport>,
 }
@@ -497,6 +549,10 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     let encoder = dnabert_encoder(&dna)?;
     if let (false, Some(b)) = (s.toks_per_batch_set, esm.budget.or(dna.budget)) {
         s.toks_per_batch = b;
+    }
+    if let Some(slot) = s.worker {
+        // A worker of a --devices run: the parent owns the input and the outputs.
+        return crate::devices::serve(slot, model_runs(&s, &dna, &esm), s.prefetch);
     }
     prepare_out_dir(&s)?;
     for p in &s.inputs {
@@ -623,6 +679,12 @@ fn attributes(
         ("chunk_len".into(), s.chunk.to_string()),
         ("virnucpro_compat".into(), s.virnucpro_compat.to_string()),
         ("token_budget".into(), s.toks_per_batch.to_string()),
+        // Which part of the input the file holds ("all" or I/N): `merge` joins the parts of one N.
+        (
+            "input_shard".into(),
+            s.input_shard
+                .map_or_else(|| "all".to_string(), |shard| shard.to_string()),
+        ),
     ]
 }
 
@@ -632,6 +694,8 @@ struct Inference {
     resumed: bool,
     esm: EngineThreadStats,
     dna: EngineThreadStats,
+    /// `--devices`: what each device did.
+    devices: Option<Vec<DeviceReport>>,
     ep: &'static str,
     data: RunReport,
 }
@@ -643,18 +707,21 @@ struct Halves {
     esm: Option<(SequenceMeta, Vec<f32>)>,
 }
 
-fn spawn_engine(
-    spec: &ModelSpec,
-    s: &PredictSettings,
-) -> Result<(EngineThread, Receiver<virnuc_engine::Result<JobResult>>)> {
+/// The run's two models in pack-tag order (DNABERT-S 0, ESM-2 1), for this process or a worker.
+fn model_runs(s: &PredictSettings, dna: &ModelSpec, esm: &ModelSpec) -> Vec<ModelRun> {
     let warmup = (s.ep != Ep::Cpu).then_some(s.toks_per_batch);
-    EngineThread::spawn(spec.options.clone(), warmup, s.prefetch).with_context(|| {
-        format!(
-            "cannot start the {} engine for {}",
-            spec.role,
-            spec.path.display()
-        )
-    })
+    [dna, esm]
+        .into_iter()
+        .map(|spec| ModelRun {
+            name: format!(
+                "{} model {}",
+                family_name(spec.metadata.family),
+                spec.path.display()
+            ),
+            options: spec.options.clone(),
+            warmup,
+        })
+        .collect()
 }
 
 fn infer(
@@ -666,17 +733,21 @@ fn infer(
     scores: EmbeddingWriter,
     features: Option<EmbeddingWriter>,
 ) -> Result<Inference> {
-    let (dna_engine, dna_results) = spawn_engine(dna, s)?;
-    let (esm_engine, esm_results) = spawn_engine(esm, s)?;
-    let ep = esm_engine.info().ep;
-    if dna_engine.info().ep != ep {
+    let (engines, results) =
+        Engines::start(model_runs(s, dna, esm), s.devices.as_ref(), s.prefetch)?;
+    let [dna_results, esm_results]: [_; 2] = results
+        .try_into()
+        .map_err(|_| anyhow!("internal error: not two result channels"))?;
+    let (dna_info, esm_info) = (engines.info(DNABERT), engines.info(ESM));
+    let ep = esm_info.ep;
+    if dna_info.ep != ep {
         bail!(
             "the two models run on different providers ({} and {}); give --ep",
-            dna_engine.info().ep,
+            dna_info.ep,
             ep
         );
     }
-    check_outputs(esm_engine.info(), dna_engine.info(), classifier)?;
+    check_outputs(esm_info, dna_info, classifier)?;
     let mut budget = s.toks_per_batch;
     if ep == "cpu" && !s.toks_per_batch_set && esm.budget.is_none() {
         budget = CPU_TOKS_PER_BATCH;
@@ -706,6 +777,7 @@ fn infer(
         prefetch: s.prefetch,
         // Tags DNABERT (0) and ESM (1).
         encoders: vec![Arc::new(encoder), Arc::new(Encoder::esm2())],
+        input_shard: s.input_shard,
         ..PipelineConfig::default()
     };
     let mut pipeline = virnuc_data::start(config).context("cannot start reading")?;
@@ -728,21 +800,18 @@ fn infer(
             )
         })
         .context("cannot start the writer thread")?;
-    let engines = [&dna_engine, &esm_engine];
     let mut feed_error = None;
+    let mut packs_submitted = 0u64;
     while let Some(item) = pipeline.next_tagged() {
         match item {
             Ok((tag, pack)) => {
                 if pack.sequences.iter().all(|m| done(m.index)) {
                     continue;
                 }
-                let Some(engine) = engines.get(tag) else {
-                    feed_error = Some(anyhow!("internal error: a pack for model {tag}"));
-                    break;
-                };
-                if engine.submit(pack).is_err() {
+                if engines.submit(tag, pack).is_err() {
                     break;
                 }
+                packs_submitted += 1;
             }
             Err(e) => {
                 feed_error = Some(anyhow!(e).context("reading the input failed"));
@@ -750,22 +819,37 @@ fn infer(
             }
         }
     }
-    let dna_stats = dna_engine.finish();
-    let esm_stats = esm_engine.finish();
+    let engines_done = engines.finish();
     let written = writer
         .join()
         .map_err(|_| anyhow!("the writer thread panicked"))?;
     progress.finish_and_clear();
     let data = pipeline.finish();
     // The first failure in flow order is the cause; later ones are its consequences.
-    let (written, dna_stats, esm_stats) = match (written, dna_stats, esm_stats, feed_error) {
-        (_, _, _, Some(e)) => return Err(e),
-        (Err(e), _, _, _) => return Err(e),
-        (_, Err(e), _, _) => return Err(anyhow!(e).context("DNABERT-S inference failed")),
-        (_, _, Err(e), _) => return Err(anyhow!(e).context("ESM-2 inference failed")),
-        (Ok(w), Ok(d), Ok(e), None) => (w, d, e),
+    let (written, engines_done) = match (written, engines_done, feed_error) {
+        (_, _, Some(e)) => return Err(e),
+        // Results that stopped coming leave frames half joined: the engines' failure is the cause.
+        (Err(w), Err(e), _) if w.is::<HalvesMissing>() => return Err(e),
+        (Err(e), _, _) => return Err(e),
+        (_, Err(e), _) => return Err(e),
+        (Ok(w), Ok(d), None) => (w, d),
     };
+    let [dna_stats, esm_stats]: [EngineThreadStats; 2] = engines_done
+        .models
+        .try_into()
+        .map_err(|_| anyhow!("internal error: the engines did not report on both models"))?;
     let data = data.context("reading the input failed")?;
+    // Every record accounted for, and every pack handed to the engines (or the device workers)
+    // came back once; a violation is a bug. The scores writer's finish refuses a missing frame.
+    data.check_accounting()
+        .map_err(|e| anyhow!("internal error: the run's accounting does not add up: {e}"))?;
+    if esm_stats.packs + dna_stats.packs != packs_submitted {
+        bail!(
+            "internal error: {packs_submitted} packs went to the engines but {} + {} came back",
+            dna_stats.packs,
+            esm_stats.packs
+        );
+    }
     let expected = data.stages.sequences;
     let (writers, n_frames) = written;
     let mut it = writers.into_iter();
@@ -782,6 +866,7 @@ fn infer(
         resumed,
         esm: esm_stats,
         dna: dna_stats,
+        devices: engines_done.devices,
         ep,
         data,
     })
@@ -794,6 +879,18 @@ fn check_outputs(esm: &EngineInfo, dna: &EngineInfo, clf: &Classifier) -> Result
 }
 
 type Writers = (Vec<EmbeddingWriter>, u64);
+
+/// The results ended with frames that have one of their two embeddings only.
+#[derive(Debug)]
+struct HalvesMissing(String);
+
+impl std::fmt::Display for HalvesMissing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HalvesMissing {}
 
 /// The writer thread: joins each frame's two means by output index, classifies the frames each
 /// pack completes as one batch, and stores probabilities (and features) for frames not yet done.
@@ -905,10 +1002,11 @@ fn join_and_classify(
         progress.set_message(format!("{:.0} frames/s", frames as f64 / secs));
     }
     if let Some((i, _)) = waiting.iter().next() {
-        bail!(
+        return Err(HalvesMissing(format!(
             "internal error: {} frames have only one of their two embeddings (e.g. index {i})",
             waiting.len()
-        );
+        ))
+        .into());
     }
     let mut writers = vec![scores];
     writers.extend(features);
@@ -986,45 +1084,201 @@ impl ScoreReader {
     }
 }
 
-/// Kept frames of each input record, as the pipeline keeps them (same chunking and translation).
-fn record_infos(s: &PredictSettings) -> impl Iterator<Item = Result<RecordInfo>> {
-    let mut source = Source::new(s.inputs.clone());
-    let mut translator = Translator::default();
-    let (chunk_len, ambiguity) = (s.chunk, s.ambiguity());
-    let mut failed = false;
-    std::iter::from_fn(move || {
-        if failed {
-            return None;
+/// The input a scores file was computed from, read the way the pipeline read it: the VirNucPro
+/// files are written from it and the scores.
+#[derive(Debug, Clone)]
+pub struct ResultsSource {
+    pub inputs: Vec<PathBuf>,
+    pub chunk: usize,
+    pub ambiguity: Ambiguity,
+    /// Only these records (a shard's scores file).
+    pub input_shard: Option<InputShard>,
+}
+
+impl ResultsSource {
+    fn of(s: &PredictSettings) -> Self {
+        Self {
+            inputs: s.inputs.clone(),
+            chunk: s.chunk,
+            ambiguity: s.ambiguity(),
+            input_shard: s.input_shard,
         }
-        let mut info = None;
-        let r = source.next_record(|r| {
-            let mut frames = 0u64;
-            for (_, range) in virnuc_data::chunk::chunks(r.seq.len(), chunk_len) {
-                translator.load(&r.seq[range], ambiguity);
-                for frame in Frame::ALL {
-                    if translator.frame(frame, ambiguity).0 == FrameOutcome::Kept {
-                        frames += 1;
+    }
+
+    /// Kept frames of each input record (of the shard), as the pipeline keeps them (same
+    /// chunking, translation and record positions).
+    fn records(&self) -> impl Iterator<Item = Result<RecordInfo>> + use<> {
+        let mut source = Source::new(self.inputs.clone());
+        let mut translator = Translator::default();
+        let (chunk_len, ambiguity, shard) = (self.chunk, self.ambiguity, self.input_shard);
+        let mut failed = false;
+        let mut ordinal = 0u64;
+        std::iter::from_fn(move || {
+            loop {
+                if failed {
+                    return None;
+                }
+                let mut info = None;
+                let r = source.next_record(|r| {
+                    let here = ordinal;
+                    ordinal += 1;
+                    if !shard.is_none_or(|s| s.takes(here)) {
+                        return;
+                    }
+                    let mut frames = 0u64;
+                    for (_, range) in virnuc_data::chunk::chunks(r.seq.len(), chunk_len) {
+                        translator.load(&r.seq[range], ambiguity);
+                        for frame in Frame::ALL {
+                            if translator.frame(frame, ambiguity).0 == FrameOutcome::Kept {
+                                frames += 1;
+                            }
+                        }
+                    }
+                    info = Some(RecordInfo {
+                        id: r.id.to_string(),
+                        length: r.seq.len() as u64,
+                        chunks: chunk_count(r.seq.len(), chunk_len) as u64,
+                        frames,
+                    });
+                });
+                match r {
+                    Ok(true) => {
+                        if let Some(info) = info {
+                            return Some(Ok(info));
+                        }
+                    }
+                    Ok(false) => return None,
+                    Err(e) => {
+                        failed = true;
+                        return Some(Err(
+                            anyhow!(e).context("reading the input for the verdicts failed")
+                        ));
                     }
                 }
             }
-            info = Some(RecordInfo {
-                id: r.id.to_string(),
-                length: r.seq.len() as u64,
-                chunks: chunk_count(r.seq.len(), chunk_len) as u64,
-                frames,
-            });
-        });
-        match r {
-            Ok(true) => info.map(Ok),
-            Ok(false) => None,
-            Err(e) => {
-                failed = true;
-                Some(Err(
-                    anyhow!(e).context("reading the input for the verdicts failed")
-                ))
+        })
+    }
+}
+
+/// What VirNucPro's files and the verdicts say, counted as they are written.
+#[derive(Debug, Clone, Default)]
+pub struct ResultsSummary {
+    pub records: u64,
+    pub records_without_frames: u64,
+    pub records_without_frames_first: Vec<String>,
+    pub records_virus: u64,
+    pub chunks: u64,
+    pub chunks_virus: u64,
+    /// Chunks with at least one frame (the rows of the highest-score csv).
+    pub chunks_scored: u64,
+    pub frames: u64,
+    pub frames_virus: u64,
+}
+
+/// The text outputs into `out_dir` (prediction_results.txt, prediction_results_highestscore.csv,
+/// prediction_verdicts.tsv), from the records of `source` and the finished scores file, in one
+/// pass; each file written under a temporary name and renamed. Every line's format is
+/// `virnuc_predict::results`'s. A scores file that is not this input's is an input error.
+pub fn write_results(
+    source: &ResultsSource,
+    scores_path: &Path,
+    out_dir: &Path,
+) -> Result<ResultsSummary> {
+    let mut reader = ScoreReader::open(scores_path)?;
+    let tmp = |name: &str| out_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let (results_tmp, verdicts_tmp) = (tmp(RESULTS_FILE), tmp(VERDICTS_FILE));
+    let result = (|| -> Result<ResultsSummary> {
+        let create = |p: &Path| -> Result<BufWriter<std::fs::File>> {
+            Ok(BufWriter::new(std::fs::File::create(p).with_context(
+                || format!("cannot write {}", p.display()),
+            )?))
+        };
+        let mut results = create(&results_tmp)?;
+        let mut verdicts = create(&verdicts_tmp)?;
+        results.write_all(RESULTS_HEADER.as_bytes())?;
+        verdicts.write_all(VERDICTS_HEADER.as_bytes())?;
+        let mut highest = HighestScore::default();
+        let mut line = String::new();
+        let mut sum = ResultsSummary::default();
+        let mut rows: Vec<(String, [f32; 2])> = Vec::new();
+        let not_this_input = |what: String| -> anyhow::Error {
+            crate::exit::InputError(format!(
+                "{}: {what}: it is not the scores of this input (the inputs, their order or \
+                 --input-shard differ)",
+                scores_path.display()
+            ))
+            .into()
+        };
+        for info in source.records() {
+            let info = info?;
+            sum.records += 1;
+            sum.chunks += info.chunks;
+            rows.clear();
+            for _ in 0..info.frames {
+                let Some((id, p)) = reader.next_frame()? else {
+                    return Err(not_this_input(format!(
+                        "it ends before the frames of record {} ('{}')",
+                        sum.records, info.id
+                    )));
+                };
+                if !id.starts_with(&info.id) || !id[info.id.len()..].starts_with("_chunk_") {
+                    return Err(not_this_input(format!(
+                        "frame {id} where a frame of record '{}' was expected",
+                        info.id
+                    )));
+                }
+                line.clear();
+                results_line(&mut line, &id, p);
+                results.write_all(line.as_bytes())?;
+                highest.add(&id, p);
+                sum.frames += 1;
+                sum.frames_virus += u64::from(virnuc_predict::classifier::label(p) == "virus");
+                rows.push((id, p));
             }
+            let v = verdict(&info, rows.iter().map(|(id, p)| (id.as_str(), *p)));
+            match v.call() {
+                "no_frames" => {
+                    sum.records_without_frames += 1;
+                    if sum.records_without_frames_first.len() < 100 {
+                        sum.records_without_frames_first.push(info.id.clone());
+                    }
+                }
+                "virus" => sum.records_virus += 1,
+                _ => {}
+            }
+            verdicts.write_all(v.line().as_bytes())?;
         }
-    })
+        if reader.next_frame()?.is_some() {
+            return Err(not_this_input(
+                "it holds more frames than this input has".to_string(),
+            ));
+        }
+        let finish = |w: BufWriter<std::fs::File>, p: &Path| -> Result<()> {
+            let f = w
+                .into_inner()
+                .map_err(|e| anyhow!("cannot write {}: {}", p.display(), e.error()))?;
+            f.sync_all()
+                .with_context(|| format!("cannot write {}", p.display()))
+        };
+        finish(results, &results_tmp)?;
+        finish(verdicts, &verdicts_tmp)?;
+        let mut csv = Vec::new();
+        highest.write_to(&mut csv)?;
+        sum.chunks_virus = highest.rows().filter(|(_, v)| *v).count() as u64;
+        sum.chunks_scored = highest.len() as u64;
+        write_atomic(&out_dir.join(HIGHEST_FILE), &csv)
+            .with_context(|| format!("cannot write {}", out_dir.join(HIGHEST_FILE).display()))?;
+        for (tmp, name) in [(&results_tmp, RESULTS_FILE), (&verdicts_tmp, VERDICTS_FILE)] {
+            std::fs::rename(tmp, out_dir.join(name))
+                .with_context(|| format!("cannot write {}", out_dir.join(name).display()))?;
+        }
+        Ok(sum)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&results_tmp);
+        let _ = std::fs::remove_file(&verdicts_tmp);
+    }
+    result
 }
 
 /// The text outputs, from the records and the finished scores file, in one pass; then the report.
@@ -1037,105 +1291,22 @@ fn write_outputs(
     random: bool,
     t0: Instant,
 ) -> Result<()> {
-    let scores_path = s.out_dir.join(SCORES_FILE);
-    let mut reader = ScoreReader::open(&scores_path)?;
-    let tmp = |name: &str| {
-        s.out_dir
-            .join(format!(".{name}.tmp-{}", std::process::id()))
-    };
-    let (results_tmp, verdicts_tmp) = (tmp(RESULTS_FILE), tmp(VERDICTS_FILE));
-    let create = |p: &Path| -> Result<BufWriter<std::fs::File>> {
-        Ok(BufWriter::new(std::fs::File::create(p).with_context(
-            || format!("cannot write {}", p.display()),
-        )?))
-    };
-    let mut results = create(&results_tmp)?;
-    let mut verdicts = create(&verdicts_tmp)?;
-    results.write_all(RESULTS_HEADER.as_bytes())?;
-    verdicts.write_all(VERDICTS_HEADER.as_bytes())?;
-    let mut highest = HighestScore::default();
-    let mut line = String::new();
-    let (mut records, mut no_frames, mut records_virus, mut frames, mut frames_virus) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut chunks = 0u64;
-    let mut no_frames_first = Vec::new();
-    let mut rows: Vec<(String, [f32; 2])> = Vec::new();
-    for info in record_infos(s) {
-        let info = info?;
-        records += 1;
-        chunks += info.chunks;
-        rows.clear();
-        for _ in 0..info.frames {
-            let Some((id, p)) = reader.next_frame()? else {
-                bail!(
-                    "{} ends before the frames of record {} ('{}'): it is not this input's",
-                    scores_path.display(),
-                    records,
-                    info.id
-                );
-            };
-            if !id.starts_with(&info.id) || !id[info.id.len()..].starts_with("_chunk_") {
-                bail!(
-                    "{}: frame {id} where a frame of record '{}' was expected: it is not this \
-                     input's",
-                    scores_path.display(),
-                    info.id
-                );
-            }
-            line.clear();
-            results_line(&mut line, &id, p);
-            results.write_all(line.as_bytes())?;
-            highest.add(&id, p);
-            frames += 1;
-            frames_virus += u64::from(virnuc_predict::classifier::label(p) == "virus");
-            rows.push((id, p));
-        }
-        let v = verdict(&info, rows.iter().map(|(id, p)| (id.as_str(), *p)));
-        match v.call() {
-            "no_frames" => {
-                no_frames += 1;
-                if no_frames_first.len() < 100 {
-                    no_frames_first.push(info.id.clone());
-                }
-            }
-            "virus" => records_virus += 1,
-            _ => {}
-        }
-        verdicts.write_all(v.line().as_bytes())?;
-    }
-    if reader.next_frame()?.is_some() {
-        bail!(
-            "{} holds more frames than this input has: it is not this input's",
-            scores_path.display()
-        );
-    }
-    let finish = |w: BufWriter<std::fs::File>, p: &Path| -> Result<()> {
-        let f = w
-            .into_inner()
-            .map_err(|e| anyhow!("cannot write {}: {}", p.display(), e.error()))?;
-        f.sync_all()
-            .with_context(|| format!("cannot write {}", p.display()))
-    };
-    finish(results, &results_tmp)?;
-    finish(verdicts, &verdicts_tmp)?;
-    let mut csv = Vec::new();
-    highest.write_to(&mut csv)?;
-    let chunks_virus = highest.rows().filter(|(_, v)| *v).count() as u64;
-    write_atomic(&s.out_dir.join(HIGHEST_FILE), &csv)
-        .with_context(|| format!("cannot write {}", s.out_dir.join(HIGHEST_FILE).display()))?;
-    for (tmp, name) in [(&results_tmp, RESULTS_FILE), (&verdicts_tmp, VERDICTS_FILE)] {
-        std::fs::rename(tmp, s.out_dir.join(name))
-            .with_context(|| format!("cannot write {}", s.out_dir.join(name).display()))?;
-    }
-    let (esm_stats, dna_stats, predict_wall, ep, data, resumed, this_run) = match &inference {
+    let sum = write_results(
+        &ResultsSource::of(s),
+        &s.out_dir.join(SCORES_FILE),
+        &s.out_dir,
+    )?;
+    let (esm_stats, dna_stats, predict_wall, ep, data, resumed, this_run, devices) = match inference
+    {
         Some(i) => (
             EngineStats::from(&i.esm),
             EngineStats::from(&i.dna),
             i.esm.wall_s.max(i.dna.wall_s),
             i.ep,
-            Some(i.data.clone()),
+            Some(i.data),
             i.resumed,
             i.frames_this_run,
+            i.devices,
         ),
         None => (
             EngineStats::default(),
@@ -1145,6 +1316,7 @@ fn write_outputs(
             None,
             true,
             0,
+            None,
         ),
     };
     let report = PredictReport {
@@ -1163,14 +1335,15 @@ fn write_outputs(
         virnucpro_compat: s.virnucpro_compat,
         chunk_len: s.chunk,
         ep,
-        records,
-        records_without_frames: no_frames,
-        records_without_frames_first: no_frames_first,
-        records_virus,
-        chunks,
-        chunks_virus,
-        frames,
-        frames_virus,
+        input_shard: s.input_shard.map(|x| x.to_string()),
+        records: sum.records,
+        records_without_frames: sum.records_without_frames,
+        records_without_frames_first: sum.records_without_frames_first.clone(),
+        records_virus: sum.records_virus,
+        chunks: sum.chunks,
+        chunks_virus: sum.chunks_virus,
+        frames: sum.frames,
+        frames_virus: sum.frames_virus,
         frames_this_run: this_run,
         resumed,
         token_budget: s.toks_per_batch,
@@ -1183,19 +1356,87 @@ fn write_outputs(
         } else {
             0.0
         },
+        devices,
         data,
     };
     let json = serde_json::to_string_pretty(&report).context("run report")?;
     write_atomic(&s.report, json.as_bytes())
         .with_context(|| format!("cannot write the run report {}", s.report.display()))?;
     eprintln!(
-        "virnuc-trt: {records} records, {frames} frames: {records_virus} records with a viral \
-         chunk, {chunks_virus} of {} chunks viral, {no_frames} records without a stop-free frame \
-         (listed in {}); results in {}{}",
-        highest.len(),
-        VERDICTS_FILE,
+        "{}; results in {}{}",
+        summary_line(&sum),
         s.out_dir.display(),
         if random { " (RANDOM weights)" } else { "" }
     );
     Ok(())
+}
+
+/// The one-line summary of the VirNucPro files.
+pub fn summary_line(sum: &ResultsSummary) -> String {
+    format!(
+        "virnuc-trt: {} records, {} frames: {} records with a viral chunk, {} of {} chunks viral, \
+         {} records without a stop-free frame (listed in {VERDICTS_FILE})",
+        sum.records,
+        sum.frames,
+        sum.records_virus,
+        sum.chunks_virus,
+        sum.chunks_scored,
+        sum.records_without_frames,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: PredictArgs,
+    }
+
+    fn resolve(extra: &[&str]) -> Result<PredictSettings> {
+        let base = [
+            "predict",
+            "a.fa",
+            "--esm",
+            "e",
+            "--dnabert",
+            "d",
+            "--classifier",
+            "c",
+            "--chunk",
+            "500",
+            "--out-dir",
+            "o",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra)).map_err(|e| anyhow!("{e}"))?;
+        PredictSettings::resolve(&cli.args)
+    }
+
+    #[test]
+    fn devices_and_input_shard_reach_the_settings() {
+        let s =
+            resolve(&["--ep", "cpu", "--devices", "cpu:2", "--input-shard", "1/3"]).expect("ok");
+        assert_eq!(s.devices, Some(DeviceList::Cpu(2)));
+        assert_eq!(s.input_shard, Some(InputShard { index: 1, count: 3 }));
+        let e = resolve(&["--devices", "cpu:2"]).expect_err("cpu workers need --ep cpu");
+        assert!(
+            e.is::<UsageError>() && e.to_string().contains("--ep cpu"),
+            "{e}"
+        );
+        assert!(resolve(&["--input-shard", "3/3"]).is_err());
+        // A worker takes its device from its slot and ignores --devices.
+        let s = resolve(&[
+            "--devices",
+            "cpu:2",
+            "--ep",
+            "cpu",
+            "--worker-slot",
+            "1,0,0",
+        ])
+        .expect("worker");
+        assert_eq!((s.devices, s.device), (None, Some(0)));
+    }
 }

@@ -504,20 +504,10 @@ impl EmbedSettings {
         if let Some(text) = &args.devices
             && settings.worker.is_none()
         {
-            let list = match crate::devices::DeviceList::parse(text) {
+            let list = match crate::devices::DeviceList::for_ep(text, settings.ep) {
                 Ok(l) => l,
                 Err(e) => return usage(e),
             };
-            match (&list, settings.ep) {
-                (crate::devices::DeviceList::Cpu(_), Ep::Cpu) => {}
-                (crate::devices::DeviceList::Cpu(_), _) => {
-                    return usage("--devices cpu:N runs CPU workers: give --ep cpu too");
-                }
-                (crate::devices::DeviceList::Gpus(_), Ep::Cpu) => {
-                    return usage("--devices with --ep cpu: use cpu:N (N CPU worker processes)");
-                }
-                _ => {}
-            }
             settings.devices = Some(list);
         }
         if let Some(w) = settings.worker {

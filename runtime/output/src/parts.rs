@@ -1,5 +1,6 @@
 //! Joining the finished files of `--input-shard I/N` runs into the file one run over the whole
-//! input writes (`virnuc-trt merge`).
+//! input writes (`virnuc-trt merge`): `embed` outputs, or `predict`'s prediction_scores.h5 (the
+//! same layout: per-frame scores as 2-wide rows, `content = virnucpro_predict`).
 //!
 //! Every row stores the input position of its record (`input_record`), and shard `I` of `N` holds
 //! exactly the records at positions ≡ `I` mod `N`, each record's rows consecutive. So the whole
@@ -9,8 +10,8 @@
 //! never by the number of rows, and the merged file equals a single run's file byte for byte when
 //! the rows are equal.
 //!
-//! Refused, before anything is written: parts whose attributes (model, settings, versions) or
-//! layout differ, different shard counts, a shard missing or given twice, a file that is not a
+//! Refused, before anything is written: parts of different subcommands (embed outputs with
+//! predict scores), parts whose attributes (model, settings, versions) or layout differ, different shard counts, a shard missing or given twice, a file that is not a
 //! shard (`input_shard = all`), and a part written before `input_record` existed. While merging:
 //! a row whose record does not belong to its part's shard, or records out of order.
 
@@ -197,8 +198,27 @@ impl Part {
     }
 }
 
+/// What a part holds, by its `content` attribute: `predict` writes `virnucpro_predict` (its
+/// per-frame scores), `embed` writes none.
+fn content(p: &Part) -> &str {
+    p.attributes
+        .iter()
+        .find(|(k, _)| k == "content")
+        .map_or("embeddings", |(_, v)| match v.as_str() {
+            "virnucpro_predict" => "predict scores",
+            other => other,
+        })
+}
+
 /// The first way `part` differs from `first` (other than its shard number), for the error message.
 fn difference(first: &Part, part: &Part) -> Option<String> {
+    if content(first) != content(part) {
+        return Some(format!(
+            "content ({} vs {}: parts of different subcommands)",
+            content(first),
+            content(part)
+        ));
+    }
     if first.shard.1 != part.shard.1 {
         return Some(format!(
             "shard count ({} vs {}: parts of different splits)",
