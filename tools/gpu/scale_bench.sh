@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scaling of `virnuc-trt embed` (and `predict`) over the GPUs of one host (issue 15), in one call:
 # ESM-2 3B fp16 on chunk500, 1 GPU, then `--devices all`, same input, same binary; then `predict`
-# (3B + DNABERT-S) the same way when the binary has it; then one `--devices all` run with worker 1
+# (3B + DNABERT-S + classifier) the same way; then one `--devices all` run with worker 1
 # killed mid-run by the fault switch. Per-GPU busy share from nvidia-smi sampling and from the run
 # report's per-device section; the multi-GPU output compared with the 1-GPU run's.
 #
@@ -10,10 +10,12 @@
 #                            [--bin PATH] [--data DIR] [--work DIR] [--cpu-dry-run]
 #
 # Steps:
-#   export   random-weight model (seed 0, fp16) with the device's python (skipped when present)
+#   export   random-weight models (seed 0, fp16) with the device's python (skipped when present): the
+#            ESM-2 model and, for predict, DNABERT-S and a classifier (unless --predict-args is given)
 #   one      embed on GPU 0 alone (--device 0)
 #   all      embed --devices all: speed-up = tokens/s(all) / tokens/s(one); outputs compared
-#   predict  the same two runs with `virnuc-trt predict` (needs --predict-args: its model flags)
+#   predict  the same two runs with `virnuc-trt predict` (--predict-args: other model flags); the
+#            three result files must be byte-identical (--devices keeps the 1-process packs)
 #   fault    embed --devices all with VIRNUC_FAULT_KILL_WORKER=1:P (P = a third of worker 1's packs in
 #            the `all` run): the output must equal the `all` run's, the report must name worker 1
 # Input: chunk500 (klebsiella_HS11286.fna.gz + lambda_virus.fa in nucleotide mode, 500 bp chunks),
@@ -112,6 +114,25 @@ if has export && [[ ! -f "$mdir/model.json" ]]; then
     --precision "$precision" --out "$mdir") 2>&1 | tee -a "$log" >&2
 fi
 
+# predict's other two models (random weights, seed 0): DNABERT-S of the same flavor and precision and a
+# classifier for 768 + H features, unless --predict-args names models of its own.
+dna_dir="$work/models/dnabert_s-$flavor-$precision"
+clf_dir="$work/models/classifier-$model"
+if has export && has predict && [[ -z "$predict_args" ]]; then
+  dna_layers=(); [[ $dry == 1 ]] && dna_layers=(--layers 1)
+  if [[ ! -f "$dna_dir/model.json" ]]; then
+    say "== export dnabert_s ($flavor, $precision, random seed 0) -> $dna_dir"
+    (cd export && python -m virnuc_export --random dnabert_s --seed 0 "${dna_layers[@]}" --attention "$flavor" \
+      --precision "$precision" --out "$dna_dir") 2>&1 | tee -a "$log" >&2
+  fi
+  if [[ ! -f "$clf_dir/classifier.json" ]]; then
+    esm_dim=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['model']['hidden_size'])" "$mdir/model.json")
+    (cd export && python -m virnuc_export --random-classifier --esm-dim "$esm_dim" --seed 0 --out "$clf_dir") \
+      2>&1 | tee -a "$log" >&2
+  fi
+fi
+[[ -n "$predict_args" ]] || predict_args="--esm $mdir --dnabert $dna_dir --classifier $clf_dir"
+
 # Samples GPU utilization every 200 ms into $1 until stopped (no-op without nvidia-smi).
 sampler_pid=
 start_sampling() {
@@ -202,20 +223,23 @@ PY
   fi
 fi
 if has predict; then
-  if "$bin" predict --help 2>/dev/null | grep -q -- '--devices' && [[ -n "$predict_args" ]]; then
+  if "$bin" predict --help 2>/dev/null | grep -q -- '--devices'; then
     for run in one all; do
       dev=("${one_dev[@]}"); [[ $run == all ]] && dev=("${all_dev[@]}")
       say "== predict-$run"
       t0=$(date +%s.%N)
       # shellcheck disable=SC2086
-      "$bin" predict "${inputs[@]}" $predict_args --out-dir "$work/out/predict-$run" --ep "$ep" -q "${dev[@]}" \
+      "$bin" predict "${inputs[@]}" $predict_args --chunk 500 --toks-per-batch "$budget" \
+        --out-dir "$work/out/predict-$run" --ep "$ep" -q "${dev[@]}" \
         2>>"$log" || status=1
       say "   predict-$run: $(python -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" "$t0" "$(date +%s.%N)")"
     done
-    diff -q "$work/out/predict-one/prediction_results.txt" "$work/out/predict-all/prediction_results.txt" \
-      | tee -a "$log" >&2 || { say "   predict outputs differ"; status=1; }
+    for f in prediction_results.txt prediction_results_highestscore.csv prediction_verdicts.tsv; do
+      cmp "$work/out/predict-one/$f" "$work/out/predict-all/$f" 2>&1 | tee -a "$log" >&2 \
+        || { say "   predict $f differs between 1 and $ngpu devices"; status=1; }
+    done
   else
-    say "== predict: skipped (this binary's predict has no --devices, or no --predict-args given)"
+    say "== predict: skipped (this binary's predict has no --devices)"
   fi
 fi
 if has fault && [[ -f "$work/out/all.report.json" ]]; then
