@@ -81,8 +81,9 @@ enum Command {
     /// `predict --input-shard` part) and the inputs it was computed from.
     ///
     /// The chunk length and translation are read from the scores file; the models are not needed.
-    /// After `merge` of the shards' scores, the files equal those of one `predict` over the whole
-    /// input.
+    /// After `merge` of the shards' scores, the files have the rows, order and formats of one
+    /// `predict` over the whole input; a score can differ in float32 rounding, since a shard's
+    /// packs hold other frames than the single run's.
     #[command(after_help = EXIT_STATUS)]
     Results(Box<results_cmd::ResultsArgs>),
 }
