@@ -9,21 +9,11 @@
 #
 # Compiler: $NVCC if set, else the PyPI CUDA 13.0 nvcc in .venv (requirements.txt), else
 # /usr/local/cuda/bin/nvcc. No GPU needed. Skips the compile when the sources have not changed.
-#
-# `build.sh --v4` builds the candidate kernel (-DVARLEN_V4: fp16 head_dim 64 on 4 warps of 32 query
-# rows, 128 threads; see varlen_attention.cu) into build/varlen_v4/ instead, with the same checks,
-# so both can be timed in one device call (tools/gpu/varlen_attention/compare_v4.sh). The default
-# build is unchanged.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 src="$root/plugins/varlen_attention"
 out="$root/build/varlen_attention"
-variant=()
-case "${1:-}" in
-  "") ;;
-  --v4) out="$root/build/varlen_v4"; variant=(-DVARLEN_V4) ;;
-  *) echo "usage: build.sh [--v4]" >&2; exit 2 ;;
-esac
+[[ $# -eq 0 ]] || { echo "usage: build.sh" >&2; exit 2; }
 mkdir -p "$out"
 
 die() { echo "varlen_attention/build.sh: $*" >&2; exit 1; }
@@ -51,14 +41,14 @@ done
 
 stamp="$out/sources.sha256"
 want="$(cat "$src/varlen_attention.cu" "$src/varlen_attention_launch.h" "$src/attributes.h" "$src/tests/validate_test.cpp" \
-  "$src"/tensorrt/* "$0" | sha256sum | cut -d' ' -f1)${TENSORRT_INCLUDE_DIR:+-trt}${variant[*]:+-v4}"
+  "$src"/tensorrt/* "$0" | sha256sum | cut -d' ' -f1)${TENSORRT_INCLUDE_DIR:+-trt}"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -f "$out/varlen_attention.fatbin" ]]; then
   echo "varlen_attention: up to date ($out/varlen_attention.fatbin)" >&2
   exit 0
 fi
 rm -f "$stamp"
 
-flags=(-std=c++17 -O3 -Werror all-warnings "${variant[@]}" "${inc[@]}")
+flags=(-std=c++17 -O3 -Werror all-warnings "${inc[@]}")
 echo "varlen_attention: compiling sm_80, sm_90 + compute_80 PTX with $nvcc" >&2
 "$nvcc" "${flags[@]}" --threads 0 -Xptxas -v \
   -gencode arch=compute_80,code=sm_80 \
@@ -83,8 +73,8 @@ mv "$out/varlen_attention.fatbin.tmp" "$out/varlen_attention.fatbin"
   -gencode arch=compute_90,code=sm_90 -c -o "$out/varlen_attention_launcher.o" "$src/varlen_attention.cu" \
   || die "host launcher compile failed"
 
-# Host-side validation (shapes, attributes, grid) with plain g++: no CUDA, no TensorRT. It checks
-# the default geometry table (so it is built without the variant define).
+# Host-side validation (shapes, attributes, grid and the geometry table) with plain g++: no CUDA,
+# no TensorRT.
 "${CXX:-g++}" -std=c++17 -Wall -Wextra -Werror -I"$src" -o "$out/validate_test" "$src/tests/validate_test.cpp" \
   || die "validate_test compile failed"
 "$out/validate_test" || die "validate_test failed"

@@ -16,11 +16,12 @@
 //   virnuc_varlen_attention_{f32,f16,bf16}_d{16,24,32,64,128}        rotary (rotary = 1) or none
 //   virnuc_varlen_attention_alibi_{f32,f16,bf16}_d{16,24,32,64,128}  ALiBi (rotary code compiled out)
 // Separate ALiBi entry points leave the rotary kernels' code and registers as they were (the fp16
-// D = 64 one sits at the 128-register cap of two blocks an SM).
+// D = 64 and 128 ones sit near the register cap of two blocks an SM).
 // Arguments: (qkv, cu_seqlens, position_ids, out, total_tokens, batch, num_heads, scale, rotary,
 //   rotary_base, alibi) with `alibi` a virnuc::varlen::AlibiSlopes by value (one float per head;
 //   read by the ALiBi kernels only). Grid: (total_tokens / BM + batch, num_heads). Block (threads, BM rows):
-//   f16/bf16 D <= 64: (256, 128); f16/bf16 D = 128: (128, 64); f32: (128, 32).
+//   f16 D = 64: (128, 128); f16 D = 128: (64, 64) (32 query rows a warp, below);
+//   f16 D <= 32 and bf16 D <= 64: (256, 128); bf16 D = 128: (128, 64); f32: (128, 32).
 //   varlen_attention_launch.h (C++) and runtime/cuda (Rust) carry the same table.
 //
 // 16-bit types: tensor cores (mma.sync m16n8k16, fp32 accumulators), q·k, softmax and p·v in fp32.
@@ -47,8 +48,9 @@
 
 namespace virnuc {
 
-// 16-bit kernels: one warp per 16 query rows; 8 warps (128 rows) share each k/v tile, except at
-// D = 128 where ~165 registers a thread allow only 4 warps if two blocks are to fit an SM.
+// The 8-warp 16-bit kernel (bf16, and fp16 at D <= 32; fp16 at D = 64/128 runs attention_f16_v4):
+// one warp per 16 query rows; 8 warps (128 rows) share each k/v tile, except at D = 128 where ~165
+// registers a thread allow only 4 warps if two blocks are to fit an SM.
 template <int D>
 __host__ __device__ constexpr int warps16() {
   return D == 128 ? 4 : 8;
@@ -688,26 +690,21 @@ __device__ __forceinline__ void attention_16bit(const uint16_t* __restrict__ qkv
 }
 
 // ---------------------------------------------------------------------------------------------
-// v4 (compile with -DVARLEN_V4; fp16 at head_dim 64 only): 4 warps, each owning 32 query rows as
-// two m16 tiles (rows w*16 and 64 + w*16 of the block's 128), so every k and v fragment a warp
-// loads from shared memory with ldmatrix feeds two mma instead of one. The 8-warp kernel above
-// issues one ldmatrix.x4 (512 bytes) per two m16n8k16 mma, which at 128 bytes a clock of shared
-// memory bandwidth an SM caps the tensor cores near half their mma.sync rate; v4 halves that
+// fp16 at head_dim 64 and 128 ("v4"): 32 query rows a warp, as two m16 tiles (rows w*16 and
+// BM/2 + w*16 of the block's BM), so every k and v fragment a warp loads from shared memory with
+// ldmatrix feeds two mma instead of one. The 8-warp kernel above (bf16, and fp16 at D <= 32) issues
+// one ldmatrix.x4 (512 bytes) per two m16n8k16 mma, which at 128 bytes a clock of shared memory
+// bandwidth an SM caps the tensor cores near half their mma.sync rate; 32 rows a warp halve that
 // traffic per FLOP (as FlashAttention-2 does with its 4 warps over 128 rows). Softmax on raw
 // scores with the scale folded into one FFMA before ex2.approx (the max taken on raw scores, so a
 // negative scale is folded into q's sign instead, which is exact); key masking only on the last,
-// partial tile. Same grid as the 8-warp kernel (BM = 128), 128 threads, two blocks an SM.
-#ifdef VARLEN_V4
-constexpr bool kV4 = true;
-#else
-constexpr bool kV4 = false;
-#endif
-
+// partial tile. D = 64: 4 warps, 128 threads over 128 rows; D = 128: 2 warps, 64 threads over 64
+// rows: the same grids as the 8-warp kernel would have (BM = 128 and 64), two blocks an SM.
 template <typename T, int D>
 __host__ __device__ constexpr bool use_v4() {
-  return kV4 && __is_same(T, __half) && (D == 64 || D == 128);
+  return __is_same(T, __half) && (D == 64 || D == 128);
 }
-// v4 warps a block: 4 (128 query rows) at D = 64; 2 (64 rows, 64 threads) at D = 128, where the
+// Warps a block: 4 (128 query rows) at D = 64; 2 (64 rows, 64 threads) at D = 128, where the
 // o accumulators of two m16 tiles take 128 registers, so that key tiles of 32 rows keep shared
 // memory under 48 KiB with the same slot layout (q = two key tiles) and the grid stays BM = 64.
 template <int D>
@@ -1096,7 +1093,8 @@ __device__ __forceinline__ void attention_f16_v4(const uint16_t* __restrict__ qk
   }
 }
 
-// The 16-bit entry: v4 where it applies, else the 8-warp (4 at D = 128) kernel.
+// The 16-bit entry: fp16 at D = 64/128 the 32-rows-a-warp kernel above, else the 8-warp (4 at
+// D = 128) kernel.
 template <typename T, int D, bool ALIBI>
 __device__ __forceinline__ void attention_16bit_entry(const uint16_t* __restrict__ qkv,
                                                       const int* __restrict__ cu,
@@ -1275,7 +1273,8 @@ __device__ __forceinline__ void attention_f32(const float* __restrict__ qkv,
 // ---------------------------------------------------------------------------------------------
 // Entry points (names are the ABI the loaders look up).
 
-// Two blocks an SM for fp16 (caps registers at 128 with 8 warps); bf16's split operands need more.
+// Two blocks an SM for fp16 (caps registers at 128 with 8 warps, at 255 with the 4 or 2 warps of
+// D = 64/128); bf16's split operands need more.
 // ALIBI entry points read their head's slope from the by-value `alibi` once per block; a head past
 // kMaxAlibiHeads (num_heads too large: refused by every launcher) writes nothing.
 #define VIRNUC_KERNEL_16(NAME, T, D, ALIBI)                                                    \

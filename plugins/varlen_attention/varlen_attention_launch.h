@@ -32,25 +32,20 @@ constexpr int kOnnxFloat16 = 10;
 constexpr int kOnnxBfloat16 = 16;
 
 // Launch geometry of the kernels in varlen_attention.cu (static shared memory: no size to pass).
-// 16-bit kernels: one warp per 16 query rows, 8 warps (4 at head_dim 128); fp32: 128 threads,
-// 32 rows.
-// -DVARLEN_V4 (build.sh --v4): fp16 runs 32 query rows a warp at head_dim 64 (4 warps: 128 threads,
-// 128 rows, as before) and 128 (2 warps: 64 threads, 64 rows, as before): same grids, fewer threads.
+// fp16 at head_dim 64 and 128: 32 query rows a warp, 4 warps (128 threads, 128 rows) at 64 and
+// 2 warps (64 threads, 64 rows) at 128. Other 16-bit kernels: one warp per 16 query rows, 8 warps
+// (4 at head_dim 128). fp32: 128 threads, 32 rows.
 inline int threads(int onnx_dtype, long long head_dim) {
   if (onnx_dtype == kOnnxFloat) return 128;
-#ifdef VARLEN_V4
   if (onnx_dtype == kOnnxFloat16 && head_dim == 64) return 128;
   if (onnx_dtype == kOnnxFloat16 && head_dim == 128) return 64;
-#endif
   return head_dim == 128 ? 128 : 256;
 }
 inline int block_m(int onnx_dtype, long long head_dim) {
   if (onnx_dtype == kOnnxFloat) return 32;
-#ifdef VARLEN_V4
   if (onnx_dtype == kOnnxFloat16 && (head_dim == 64 || head_dim == 128)) {
     return threads(onnx_dtype, head_dim);  // 32 rows a warp
   }
-#endif
   return threads(onnx_dtype, head_dim) / 2;  // 16 rows per 32-thread warp
 }
 

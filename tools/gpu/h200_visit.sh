@@ -2,15 +2,15 @@
 # The single-GPU measurements (issue 14) as three device calls, each bounded to fit one call
 # (≤ 600 s), made back to back after the five ONNX Runtime GPU staging runs (README.md here):
 #
-#   bash tools/gpu/h200_visit.sh kernels   carry build/varlen_attention build/varlen_v4 build/varlen_rust
+#   bash tools/gpu/h200_visit.sh kernels   carry build/varlen_attention build/varlen_rust
 #   bash tools/gpu/h200_visit.sh models    carry .device-stage/bench
 #   bash tools/gpu/h200_visit.sh esm       carry .device-stage/bench
 #
 # kernels  the VarlenAttention kernel on the card: float64 check (rotary, none and ALiBi modes),
 #          negative controls, compute-sanitizer memcheck, the Rust loader's GPU tests
 #          (runtime/cuda/tests/gpu.rs, built here with `cargo test --release -p virnuc-cuda --no-run`
-#          and copied to build/varlen_rust/gpu_test), the attention bench; then kernel_final.sh (the v4
-#          candidate against the current kernel, interleaved, and ORT's PackedMultiHeadAttention).
+#          and copied to build/varlen_rust/gpu_test), the attention bench; then run.sh's `sizes` step
+#          (every ESM-2 size's attention shape, fp16 and bf16).
 # models   DNABERT-S packed fp16 (`ort` flavor: embed, the padded SDPA peer, the fp32 check; `virnuc`
 #          flavor: embed and the check of its HDF5), then predict_bench.sh (predict 3B + DNABERT-S
 #          against embed 3B alone).
@@ -18,7 +18,7 @@
 #          flavors, the torch packed + flash and HF SDPA peers: the figure of this commit.
 #
 # Stage with: cargo build --release -p virnuc-trt && python3 tools/bench/run.py prepare, the fatbin
-# copied to .device-stage/bench/bin/varlen_attention/, plugins/varlen_attention/build.sh (and --v4).
+# copied to .device-stage/bench/bin/varlen_attention/, plugins/varlen_attention/build.sh.
 # Results: $OUT/<stage>.log and the files each step writes (packed in $OUT/<stage>.tar.gz).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -54,7 +54,7 @@ step() {
 case "$stage" in
   kernels)
     OUT="$work/varlen" step 280 bash tools/gpu/varlen_attention/run.sh check control sanitize rust bench
-    OUT="$work/v4" step 240 bash tools/gpu/kernel_final.sh 230
+    OUT="$work/varlen" step 240 bash tools/gpu/varlen_attention/run.sh sizes
     ;;
   models)
     OUT="$work" step 200 bash tools/gpu/dnabert_bench.sh --bin "$bin" --data "$data" --work /tmp/dnabert

@@ -106,7 +106,10 @@ static void test_slots() {
   CHECK(virnuc::varlen::grid(0, 1, 20, 64, 10).x == 0);
   CHECK(virnuc::varlen::grid(100, 0, 20, 64, 10).x == 0);
   // The geometry table of varlen_attention.cu's header comment.
-  CHECK(virnuc::varlen::threads(10, 64) == 256 && virnuc::varlen::block_m(10, 64) == 128);
+  CHECK(virnuc::varlen::threads(10, 64) == 128 && virnuc::varlen::block_m(10, 64) == 128);
+  CHECK(virnuc::varlen::threads(10, 128) == 64 && virnuc::varlen::block_m(10, 128) == 64);
+  CHECK(virnuc::varlen::threads(10, 32) == 256 && virnuc::varlen::block_m(10, 32) == 128);
+  CHECK(virnuc::varlen::threads(16, 64) == 256 && virnuc::varlen::block_m(16, 64) == 128);
   CHECK(virnuc::varlen::threads(16, 128) == 128 && virnuc::varlen::block_m(16, 128) == 64);
   CHECK(virnuc::varlen::threads(1, 64) == 128 && virnuc::varlen::block_m(1, 64) == 32);
 }

@@ -97,11 +97,15 @@ impl std::fmt::Debug for AlibiSlopes {
 
 /// Threads per block and query rows per block of the kernel for `dtype` / `head_dim`.
 ///
-/// 16-bit kernels run one warp per 16 query rows: 8 warps, or 4 at head dim 128 (register
-/// pressure); the fp32 kernel runs 128 threads over 32 rows.
+/// fp16 at head dim 64 and 128 runs 32 query rows a warp: 4 warps (128 threads over 128 rows) at
+/// 64, 2 warps (64 threads over 64 rows) at 128. The other 16-bit kernels run one warp per 16
+/// query rows: 8 warps, or 4 at head dim 128 (register pressure); the fp32 kernel runs 128
+/// threads over 32 rows.
 pub fn block_shape(dtype: DType, head_dim: usize) -> (u32, usize) {
     match dtype {
         DType::F32 => (128, 32),
+        DType::F16 if head_dim == 64 => (128, 128),
+        DType::F16 if head_dim == 128 => (64, 64),
         DType::F16 | DType::BF16 if head_dim == 128 => (128, 64),
         DType::F16 | DType::BF16 => (256, 128),
     }
@@ -458,11 +462,25 @@ mod tests {
         assert!(header.contains("if (onnx_dtype == kOnnxFloat) return 128;"));
         assert!(header.contains("return head_dim == 128 ? 128 : 256;"));
         assert!(header.contains("if (onnx_dtype == kOnnxFloat) return 32;"));
+        assert!(header.contains("if (onnx_dtype == kOnnxFloat16 && head_dim == 64) return 128;"));
+        assert!(header.contains("if (onnx_dtype == kOnnxFloat16 && head_dim == 128) return 64;"));
+        assert!(header.contains("return threads(onnx_dtype, head_dim);  // 32 rows a warp"));
+        assert!(
+            !header.contains("#ifdef"),
+            "the launch table has no build variants"
+        );
         let kernel = include_str!("../../../plugins/varlen_attention/varlen_attention.cu");
         assert!(kernel.contains("return D == 128 ? 4 : 8;"));
+        assert!(kernel.contains("return D == 128 ? 2 : 4;"));
+        assert!(kernel.contains("return __is_same(T, __half) && (D == 64 || D == 128);"));
         assert!(kernel.contains("constexpr int kBlockM32 = 32;"));
-        assert_eq!(block_shape(DType::F16, 64), (256, 128));
+        assert!(
+            !kernel.contains("VARLEN_V4"),
+            "one fp16 kernel, no build switch"
+        );
+        assert_eq!(block_shape(DType::BF16, 64), (256, 128));
         assert_eq!(block_shape(DType::BF16, 128), (128, 64));
+        assert_eq!(block_shape(DType::F16, 32), (256, 128));
         assert_eq!(block_shape(DType::F32, 16), (128, 32));
         for dt in [DType::F32, DType::F16, DType::BF16] {
             for d in HEAD_DIMS {
@@ -471,6 +489,21 @@ mod tests {
                     assert!(kernel.contains(&format!("({name}, ")), "{name} missing");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn fp16_d64_and_d128_run_32_rows_a_warp() {
+        // 4 warps over 128 rows at D = 64, 2 warps over 64 rows at D = 128: the grids of the
+        // 8-warp (4 at D = 128) kernel, half the threads.
+        assert_eq!(block_shape(DType::F16, 64), (128, 128));
+        assert_eq!(block_shape(DType::F16, 128), (64, 64));
+        for (d, threads) in [(64, 128), (128, 64)] {
+            let cfg = launch_config(1000, 3, 20, d, DType::F16)
+                .expect("fits")
+                .expect("work");
+            assert_eq!(cfg.block, (threads, 1, 1));
+            assert_eq!(cfg.grid, (1000 / threads + 3, 20, 1));
         }
     }
 

@@ -48,8 +48,9 @@ for s in "${steps[@]}"; do
     # Every ESM-2 size's attention shape, fp16 and bf16 (chunk500).
     sizes) python3 "$py" bench-sizes --out "$out/sizes.json" 2>&1 | tee "$out/sizes.txt" || status=1 ;;
     # An earlier kernel version, carried as build/varlen_<tag>/varlen_attention.fatbin, timed in
-    # the same call for a same-card comparison (VARLEN_GEOMETRY names its launch geometry).
-    # Correctness of such a fatbin (e.g. build/varlen_v4 from `build.sh --v4`), same 120 cases.
+    # the same call for a same-card comparison (VARLEN_GEOMETRY=<tag> names its launch geometry:
+    # v1 and v3 are known to varlen_gpu.py's geometry(), any other tag gets the current one).
+    # Correctness of such a fatbin, same cases.
     check-*) tag="${s#check-}"
       VARLEN_FATBIN="build/varlen_$tag/varlen_attention.fatbin" VARLEN_GEOMETRY="$tag" \
         python3 "$py" check --out "$out/check_$tag.json" 2>&1 | tee "$out/check_$tag.txt" || status=1 ;;

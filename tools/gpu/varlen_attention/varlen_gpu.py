@@ -54,27 +54,28 @@ def alibi_arg(slopes: list[float] | None) -> np.ndarray:
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "bf16": 2e-3}
-# Launch geometry (plugins/varlen_attention/varlen_attention_launch.h); VARLEN_GEOMETRY=v1 selects
-# the first version's (64 rows, 128 threads for 16-bit) to time an older fatbin against it.
-if os.environ.get("VARLEN_GEOMETRY") == "v1":
-    BLOCK_M = {"f32": 32, "f16": 64, "bf16": 64}
-    THREADS = {"f32": 128, "f16": 128, "bf16": 128}
-else:
-    BLOCK_M = {"f32": 32, "f16": 128, "bf16": 128}
-    THREADS = {"f32": 128, "f16": 256, "bf16": 256}
+# Launch geometry (plugins/varlen_attention/varlen_attention_launch.h). To time an older fatbin
+# against the current one, VARLEN_GEOMETRY names its geometry: v1, the first version's (64 rows,
+# 128 threads for 16-bit); v3, the 8-warp fp16 kernel's before fp16 ran 32 rows a warp at head_dim
+# 64/128 (256 threads at 64, 128 at 128).
+GEOMETRY = os.environ.get("VARLEN_GEOMETRY", "")
 
 
 def geometry(dtype: str, head_dim: int) -> tuple[int, int]:
-    """(threads, query rows) per block; 16-bit head_dim 128 runs 4 warps instead of 8.
+    """(threads, query rows) per block.
 
-    VARLEN_GEOMETRY=v4 (the fatbin of `build.sh --v4`): fp16 runs 32 rows a warp, at head_dim 64
-    4 warps (128 threads) over the same 128 rows, at 128 2 warps (64 threads) over the same 64
-    rows: the same grids."""
-    if dtype == "f16" and head_dim in (64, 128) and os.environ.get("VARLEN_GEOMETRY") == "v4":
-        return (128, 128) if head_dim == 64 else (64, 64)
-    if dtype != "f32" and head_dim == 128 and os.environ.get("VARLEN_GEOMETRY") != "v1":
+    fp16 at head_dim 64 and 128 runs 32 rows a warp: 4 warps (128 threads) over 128 rows at 64,
+    2 warps (64 threads) over 64 rows at 128. Other 16-bit kernels: 16 rows a warp, 8 warps
+    (256 threads, 128 rows), 4 at head_dim 128. fp32: 128 threads, 32 rows."""
+    if dtype == "f32":
+        return 128, 32
+    if GEOMETRY == "v1":
         return 128, 64
-    return THREADS[dtype], BLOCK_M[dtype]
+    if dtype == "f16" and GEOMETRY != "v3" and head_dim == 64:
+        return 128, 128
+    if dtype == "f16" and GEOMETRY != "v3" and head_dim == 128:
+        return 64, 64
+    return (128, 64) if head_dim == 128 else (256, 128)
 
 
 class Kernels:

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Negative controls for check.sh: each mutation of the kernel source must make it FAIL. The first
-# list mutates the v4 candidate (check.sh --v4), the second the ALiBi code (contract version 2) of the
-# default kernels (check.sh --quick: the ALiBi cases) and of v4.
+# list mutates the fp16 head_dim 64/128 kernel (attention_f16_v4: 32 query rows a warp; the full
+# check.sh), the second the ALiBi code (contract version 2) of every kernel family (check.sh --quick:
+# the ALiBi cases).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 src="$here/../../../../plugins/varlen_attention/varlen_attention.cu"
 tmp="$(mktemp -d)"
 status=0
-mutate() {  # name, sed expression (must change the file), check.sh arguments (default: --v4)
+mutate() {  # name, sed expression (must change the file), check.sh arguments (default: none)
   sed "$2" "$src" >"$tmp/k.cu"
   if cmp -s "$src" "$tmp/k.cu"; then echo "mutation $1 did not apply"; status=1; return; fi
   local args=("${@:3}")
-  [[ ${#args[@]} -eq 0 ]] && args=(--v4)
   if VARLEN_SRC="$tmp/k.cu" bash "$here/check.sh" "${args[@]}" >"$tmp/log" 2>&1; then
     echo "NOT DETECTED: $1"; status=1
   else
@@ -31,13 +31,13 @@ mutate "D=128: second tile's q from shared memory not sign-flipped" 's/      for
 mutate "D=128: second tile's q read from the wrong rows" 's/const q1 = sQ + (HM + warp \* 16/const q1 = sQ + (warp * 16/'
 mutate "D=128: k rotated into the q slot" 's/rotate_tile<T, D, BN, LDS>(kraw(buf), kt,/rotate_tile<T, D, BN, LDS>(sK, kt,/'
 mutate "rotated k slot aliases raw k" 's/uint16_t\* const sK = smem + TILE;  \/\/ rotated k/uint16_t* const sK = smem + 2 * TILE;/'
-# ALiBi (default kernels unless --v4 is given).
+# ALiBi: the 8-warp 16-bit kernel (fp16 D = 32, bf16), fp32, and the fp16 D = 64/128 kernel.
 mutate "ALiBi: bias dropped (16-bit)" 's/fmaf(-slope_l2, dist, s\[j\]\[e\] \* sl2)/s[j][e] * sl2/' --quick
 mutate "ALiBi: bias dropped (fp32)" 's/sc = fmaf(-slope, fabsf/sc = fmaf(0.0f * slope, fabsf/' --quick
 mutate "ALiBi: slopes in reversed head order" 's/ALIBI ? alibi.slope\[blockIdx.y\]/ALIBI ? alibi.slope[num_heads - 1 - blockIdx.y]/' --quick
 mutate "ALiBi: bias sign flipped" 's/fmaf(-slope_l2, dist,/fmaf(slope_l2, dist,/' --quick
 mutate "ALiBi: query offset from the pack start" 's/const int rel0 = w.q0 + warp/const int rel0 = w.start + w.q0 + warp/' --quick
 mutate "ALiBi: rows lane/4 + 8 at the offset of lane/4" 's/static_cast<float>((e >> 1) \* 8 - j \* 8 - (e \& 1))/static_cast<float>(-j * 8 - (e \& 1))/' --quick
-mutate "ALiBi v4: second m16 tile at the first one's offsets" 's/rel + static_cast<float>(i \* BN + (e >> 1)/rel + static_cast<float>((e >> 1)/' --v4 --quick
-mutate "ALiBi v4: bias after the mask and max (scale folded twice)" 's/  const float k2 = ALIBI ? 1.0f : sl2;/  const float k2 = sl2;/' --v4 --quick
+mutate "ALiBi fp16 D=64/128: second m16 tile at the first one's offsets" 's/rel + static_cast<float>(i \* BN + (e >> 1)/rel + static_cast<float>((e >> 1)/' --quick
+mutate "ALiBi fp16 D=64/128: bias after the mask and max (scale folded twice)" 's/  const float k2 = ALIBI ? 1.0f : sl2;/  const float k2 = sl2;/' --quick
 exit $status
