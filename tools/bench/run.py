@@ -580,6 +580,12 @@ def prepare(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.virnuc_trt}: build it first: cargo build --release -p virnuc-trt")
     target = stage / "bin" / "virnuc-trt"
     shutil.copy2(args.virnuc_trt, target)
+    # The GPU machine's copy of the checkout need not carry this clone's history: the staged commit
+    # (with "-dirty" for uncommitted changes) is what the device scripts report.
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO, capture_output=True, text=True
+    )
+    (stage / "commit.txt").write_text((described.stdout.strip() or "?") + "\n")
     if shutil.which("strip"):
         # The release profile keeps line tables (debug = 1); the device needs none and the carry is capped.
         subprocess.run(["strip", "--strip-debug", str(target)], check=False)

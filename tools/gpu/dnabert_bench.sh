@@ -73,7 +73,7 @@ jsonl="$results/dnabert_bench.jsonl"
 say() { printf '%s\n' "$*" | tee -a "$log" >&2; }
 has() { [[ " $steps " == *" $1 "* ]]; }
 export PYTHONPATH="$root/export${PYTHONPATH:+:$PYTHONPATH}"
-say "== dnabert_bench $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
+say "== dnabert_bench $(date -u +%FT%TZ) commit $(cat .device-stage/bench/commit.txt 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo '?') on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
 say "   steps: $steps | $flavor $precision, $layers layers | ep $ep, budget $budget | peer batch $batch"
 
 genomes=()

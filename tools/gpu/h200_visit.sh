@@ -32,7 +32,7 @@ ln -sf "$(command -v python3)" /tmp/h200_visit/shim/python
 export PATH="/tmp/h200_visit/shim:$PATH"
 log="$res/h200_visit.log"
 {
-  echo "== h200_visit $* $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "== h200_visit $* $(date -u +%FT%TZ) commit $(cat .device-stage/bench/commit.txt 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo '?')"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 } | tee "$log"
 if [[ -f /opt/onnxruntime-gpu/env.sh ]]; then

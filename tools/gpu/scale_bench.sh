@@ -79,7 +79,7 @@ say() { printf '%s\n' "$*" | tee -a "$log" >&2; }
 has() { [[ " $steps " == *" $1 "* ]]; }
 [[ -x "$bin" ]] || { say "scale_bench: no binary at $bin"; exit 1; }
 export PYTHONPATH="$root/export${PYTHONPATH:+:$PYTHONPATH}"
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+commit=$(cat .device-stage/bench/commit.txt 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo '?')
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs || true)
 say "== scale_bench $(date -u +%FT%TZ) commit $commit, $ngpu devices ($devices) on ${gpus:-no GPU}"
 say "   $model $flavor $precision, budget $budget, >= $tokens_per_gpu tokens per device, steps: $steps"
