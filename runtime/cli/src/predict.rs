@@ -826,12 +826,21 @@ fn infer(
     progress.finish_and_clear();
     let data = pipeline.finish();
     // The first failure in flow order is the cause; later ones are its consequences.
+    // (The writer thread stopped its writers itself when it failed.)
     let (written, engines_done) = match (written, engines_done, feed_error) {
-        (_, _, Some(e)) => return Err(e),
+        (w, _, Some(e)) => {
+            if let Ok((writers, _)) = w {
+                stop_writers(writers);
+            }
+            return Err(e);
+        }
         // Results that stopped coming leave frames half joined: the engines' failure is the cause.
         (Err(w), Err(e), _) if w.is::<HalvesMissing>() => return Err(e),
         (Err(e), _, _) => return Err(e),
-        (_, Err(e), _) => return Err(e),
+        (Ok((writers, _)), Err(e), _) => {
+            stop_writers(writers);
+            return Err(e);
+        }
         (Ok(w), Ok(d), None) => (w, d),
     };
     let [dna_stats, esm_stats]: [EngineThreadStats; 2] = engines_done
@@ -894,6 +903,8 @@ impl std::error::Error for HalvesMissing {}
 
 /// The writer thread: joins each frame's two means by output index, classifies the frames each
 /// pack completes as one batch, and stores probabilities (and features) for frames not yet done.
+/// On failure the writers are stopped: what is durable stays for `--resume`, a working folder with
+/// nothing durable in it is removed (no `.partial` dead end).
 #[allow(clippy::too_many_arguments)]
 fn join_and_classify(
     clf: &Classifier,
@@ -905,6 +916,45 @@ fn join_and_classify(
     features_done: Option<Arc<dyn Fn(u64) -> bool + Send + Sync>>,
     progress: ProgressBar,
 ) -> Result<Writers> {
+    let joined = join_loop(
+        clf,
+        results,
+        &mut scores,
+        &mut features,
+        done,
+        scores_done,
+        features_done,
+        progress,
+    );
+    let mut writers = vec![scores];
+    writers.extend(features);
+    match joined {
+        Ok(frames) => Ok((writers, frames)),
+        Err(e) => {
+            stop_writers(writers);
+            Err(e)
+        }
+    }
+}
+
+/// Stops the writers of a failed run (see [`EmbeddingWriter::stop`]).
+fn stop_writers(writers: Vec<EmbeddingWriter>) {
+    for w in writers {
+        w.stop();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn join_loop(
+    clf: &Classifier,
+    results: [Receiver<virnuc_engine::Result<JobResult>>; 2],
+    scores: &mut EmbeddingWriter,
+    features: &mut Option<EmbeddingWriter>,
+    done: Arc<dyn Fn(u64) -> bool + Send + Sync>,
+    scores_done: Arc<dyn Fn(u64) -> bool + Send + Sync>,
+    features_done: Option<Arc<dyn Fn(u64) -> bool + Send + Sync>>,
+    progress: ProgressBar,
+) -> Result<u64> {
     let mut waiting: HashMap<u64, Halves> = HashMap::new();
     let mut open = [true, true];
     let mut frames = 0u64;
@@ -1008,9 +1058,7 @@ fn join_and_classify(
         ))
         .into());
     }
-    let mut writers = vec![scores];
-    writers.extend(features);
-    Ok((writers, frames))
+    Ok(frames)
 }
 
 fn progress_bar(quiet: bool) -> ProgressBar {
