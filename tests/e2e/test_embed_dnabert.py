@@ -124,3 +124,24 @@ def test_gate_compares_dnabert_on_its_own_tokens(binary: Path, tmp_path: Path) -
     tok.no_padding()
     assert gate["sequences"] == len(spans)
     assert gate["tokens"] == sum(len(tok.encode(dna).ids) for _, dna in spans)
+
+
+def test_build_makes_a_dnabert_engine_that_embeds_as_its_export(binary: Path, tmp_path: Path) -> None:
+    """`build` on a DNABERT-S export: the engine folder carries the tokenizer its model.json names
+    (it once did not, and the build failed on opening its own engine), and embeds as the export."""
+    model = tmp_path / "dnabert"
+    export_dnabert(model)
+    engine = tmp_path / "engine"
+    r = run([binary, "build", "--model", model, "--ep", "cpu", "--out", engine, "--budget", "1024"])
+    assert r.returncode == 0, r.stderr
+    assert (engine / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    lam = FIXTURES / "lambda_virus.fa"
+    got = {}
+    for name, path in (("export", model), ("engine", engine)):
+        out = tmp_path / f"{name}.h5"
+        r = run([binary, "embed", lam, "--model", path, "-o", out, "--ep", "cpu", "-q"])
+        assert r.returncode == 0, r.stderr
+        got[name] = read_h5(out)
+    assert got["engine"][0] == got["export"][0]
+    a, b = got["engine"][1].astype(np.float64), got["export"][1].astype(np.float64)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()

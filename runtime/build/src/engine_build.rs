@@ -4,6 +4,7 @@
 //! ```text
 //! DIR/model.onnx (+ model.onnx.data)   the graph, optimized offline by ONNX Runtime for the EP
 //! DIR/model.json                       the exporter's metadata, onnx_sha256 updated to the graph above
+//! DIR/tokenizer.json                   the export's tokenizer, for families that have one (DNABERT-S)
 //! DIR/manifest.json                    device, runtime, EP, precision, tuned budget + autotune table
 //! DIR/trt/                             TensorRT engine and timing caches (TensorRT EP only)
 //! ```
@@ -23,7 +24,7 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ort::session::Session;
-use virnuc_core::ModelMetadata;
+use virnuc_core::{ModelMetadata, TokenizerSpec};
 
 use crate::autotune;
 use crate::manifest::{
@@ -279,6 +280,33 @@ fn copy_graph(src: &ModelFiles, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The export's tokenizer file (DNABERT-S), copied to the same place relative to the engine's
+/// model.json: an engine folder is opened as a model folder, and its metadata names the tokenizer
+/// (and its sha256, checked at open) relative to itself. Nothing for the ESM-2 alphabet.
+fn copy_tokenizer(src: &ModelFiles, meta: &ModelMetadata, out: &Path) -> Result<()> {
+    let TokenizerSpec::HfTokenizers { file, .. } = &meta.tokenizer else {
+        return Ok(());
+    };
+    let from = src.tokenizer_file(meta).ok_or_else(|| {
+        EngineError::Model(format!(
+            "{} names no tokenizer file",
+            src.metadata.display()
+        ))
+    })?;
+    let to = out.join(file);
+    if let Some(dir) = to.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
+    }
+    std::fs::copy(&from, &to).map_err(|e| {
+        EngineError::Model(format!(
+            "cannot copy the tokenizer {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })?;
+    Ok(())
+}
+
 /// `model.onnx` → `model.onnx.data` (the exporter's external-data file name).
 fn external_data_of(onnx: &Path) -> PathBuf {
     let mut name = onnx.file_name().unwrap_or_default().to_os_string();
@@ -422,6 +450,7 @@ pub fn build_engine(options: &BuildOptions, log: &mut dyn FnMut(&str)) -> Result
         &engine_sha,
         level,
     )?;
+    copy_tokenizer(&source_files, &meta, out)?;
     if reexport_dir.exists() {
         std::fs::remove_dir_all(&reexport_dir).map_err(|e| io_err("remove", &reexport_dir, e))?;
     }
