@@ -14,17 +14,6 @@ use virnuc_output::{EmbeddingWriter, OutputDtype, synthetic};
 const N: u64 = 200_000;
 const H: usize = 64;
 
-/// Peak resident set (VmHWM) of this process, bytes.
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM line");
-    kb * 1024
-}
-
 fn write(path: &Path, n: u64) -> usize {
     let mut config = common::config(path, H, OutputDtype::F32, false);
     config.shard_sequences = 1000;
@@ -48,14 +37,14 @@ fn mib(bytes: u64) -> f64 {
 #[test]
 fn writing_and_merging_200k_sequences_stays_in_bounded_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let baseline = peak_rss();
+    let baseline = common::peak_rss();
     // A quarter-size run first: whatever fixed buffers and caches exist reach their size here.
     let small = dir.path().join("small.h5");
     assert_eq!(write(&small, N / 4), 50);
-    let growth_small = peak_rss() - baseline;
+    let growth_small = common::peak_rss() - baseline;
     let path = dir.path().join("big.h5");
     assert_eq!(write(&path, N), 200);
-    let growth = peak_rss() - baseline;
+    let growth = common::peak_rss() - baseline;
 
     // What holding everything would take: the f32 embeddings alone (ids and lengths on top).
     let all_embeddings = N * H as u64 * 4;
@@ -84,10 +73,10 @@ fn writing_and_merging_200k_sequences_stays_in_bounded_memory() {
     );
 
     // The measurement can fail: holding the embeddings does move the peak by their size.
-    let before = peak_rss();
+    let before = common::peak_rss();
     let held: Vec<f32> = (0..N * H as u64).map(|k| k as f32).collect();
     std::hint::black_box(&held);
-    assert!(peak_rss() - before > per_n_bound.max(all_embeddings / 2));
+    assert!(common::peak_rss() - before > per_n_bound.max(all_embeddings / 2));
     drop(held);
 
     common::h5py_check(&path, N, H, OutputDtype::F32, false);

@@ -5,22 +5,14 @@
 //! by 28 MiB, from 120k to 360k by 8 MiB). Alone in its own test binary so no other test's
 //! allocations pollute the peak.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use virnuc_core::SequenceMeta;
 use virnuc_output::{EmbeddingWriter, OutputConfig, OutputDtype, merge_outputs, synthetic};
 
 const H: usize = 64;
-
-fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM line");
-    kb * 1024
-}
 
 /// Part `i` of 3 of an input of `records` records, one sequence each.
 fn part(dir: &Path, tag: &str, records: u64, i: u64) -> PathBuf {
@@ -65,11 +57,11 @@ fn merging_3x_more_rows_stays_in_the_same_memory() {
         .map(|i| part(dir.path(), "small", small_n, i))
         .collect();
     let big: Vec<PathBuf> = (0..3).map(|i| part(dir.path(), "big", big_n, i)).collect();
-    let before = peak_rss();
+    let before = common::peak_rss();
     merge_outputs(&small, &dir.path().join("small.h5"), 1024).expect("merges");
-    let after_small = peak_rss();
+    let after_small = common::peak_rss();
     merge_outputs(&big, &dir.path().join("big.h5"), 1024).expect("merges");
-    let after_big = peak_rss();
+    let after_big = common::peak_rss();
     let embeddings = big_n * H as u64 * 4;
     let growth = after_big.saturating_sub(after_small);
     eprintln!(

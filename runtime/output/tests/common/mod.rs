@@ -103,3 +103,14 @@ pub fn h5py_check_result(
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+/// Peak resident set (VmHWM) of this process, bytes (Linux).
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM line");
+    kb * 1024
+}
