@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import virnucpro_reference as ref
@@ -81,6 +82,21 @@ def same_files(got: Path, want: Path, names: tuple[str, ...] = (*TEXT_FILES, SCO
     return [n for n in names if (got / n).read_bytes() != (want / n).read_bytes()]
 
 
+def single_run(
+    binary: Path,
+    models: dict[str, Path],
+    inputs: list[Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    args: list[str],
+) -> tuple[Path, dict[str, Any]]:
+    """One single-process predict run (the reference of the tests below) and its report."""
+    out = tmp_path_factory.mktemp("single") / name
+    r = predict(binary, models, inputs, out, *args)
+    assert r.returncode == 0, r.stderr
+    return out, json.loads((out / "predict_report.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def single_packed(
     binary: Path,
@@ -88,10 +104,7 @@ def single_packed(
     inputs: list[Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
-    out = tmp_path_factory.mktemp("single") / "packed"
-    r = predict(binary, predict_models, inputs, out, *PACKED)
-    assert r.returncode == 0, r.stderr
-    report = json.loads((out / "predict_report.json").read_text())
+    out, report = single_run(binary, predict_models, inputs, tmp_path_factory, "packed", PACKED)
     # Enough work for two workers and for a kill in the middle: several packs of several frames.
     assert report["frames"] > 60 and report["esm_engine"]["packs"] >= 6, report
     assert report["records_without_frames"] == 2 and report["records"] == 9
@@ -105,10 +118,7 @@ def single_alone(
     inputs: list[Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
-    out = tmp_path_factory.mktemp("single") / "alone"
-    r = predict(binary, predict_models, inputs, out, *ALONE)
-    assert r.returncode == 0, r.stderr
-    report = json.loads((out / "predict_report.json").read_text())
+    out, report = single_run(binary, predict_models, inputs, tmp_path_factory, "alone", ALONE)
     assert report["esm_engine"]["packs"] == report["dnabert_engine"]["packs"] == report["frames"], report
     return out
 
