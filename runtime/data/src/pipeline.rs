@@ -43,18 +43,22 @@ struct StageConfig {
     mode: Mode,
     chunk_len: usize,
     ambiguity: Ambiguity,
+    /// Residues a protein keeps under the long-sequence policy; unbounded when no encoder takes
+    /// the proteins (a DNABERT-S-only run: its DNA spans are never cut, so nothing is cut or
+    /// counted as cut).
     max_residues: usize,
     long: LongPolicy,
     /// Some encoder takes DNA spans: cut them from kept frames.
     need_dna: bool,
-    /// Some encoder takes the proteins. When none does (a DNABERT-S-only run), the long-sequence
-    /// policy has nothing to act on: the DNA span is never cut, so no protein is counted as cut.
-    need_protein: bool,
     span: SpanRule,
 }
 
 impl From<&PipelineConfig> for StageConfig {
     fn from(c: &PipelineConfig) -> Self {
+        let takes_proteins = c.mode == Mode::Protein
+            || c.encoders
+                .iter()
+                .any(|e| e.traits().frame_input == FrameInput::Protein);
         Self {
             mode: c.mode,
             chunk_len: c.chunk_len,
@@ -63,16 +67,16 @@ impl From<&PipelineConfig> for StageConfig {
             } else {
                 Ambiguity::X
             },
-            max_residues: c.max_residues,
+            max_residues: if takes_proteins {
+                c.max_residues
+            } else {
+                usize::MAX
+            },
             long: c.long,
             need_dna: c
                 .encoders
                 .iter()
                 .any(|e| e.traits().frame_input == FrameInput::DnaSpan),
-            need_protein: c.mode == Mode::Protein
-                || c.encoders
-                    .iter()
-                    .any(|e| e.traits().frame_input == FrameInput::Protein),
             span: if c.virnucpro_compat {
                 SpanRule::VirNucPro
             } else {
@@ -205,11 +209,6 @@ fn emit_pieces(
     emit: &mut Emit<'_>,
 ) {
     stats.proteins += 1;
-    if !c.need_protein {
-        stats.sequences += 1;
-        emit(name, residues, dna);
-        return;
-    }
     if residues.len() > c.max_residues {
         match c.long {
             LongPolicy::Split => {
