@@ -58,21 +58,8 @@ say() { printf '%s\n' "$*" | tee -a "$log" >&2; }
 esm_dir="$work/$esm-$flavor-$precision"
 dna_dir="$work/dnabert_s-$flavor-$precision"
 clf_dir="$work/classifier-$esm"
-if [[ ! -f "$esm_dir/model.onnx" ]]; then
-  say "== export $esm ($flavor, $precision, random weights)"
-  (cd export && python3 -m virnuc_export --random "$esm" --seed 0 --attention "$flavor" \
-    --precision "$precision" --out "$esm_dir") 2>&1 | tee -a "$log"
-fi
-if [[ ! -f "$dna_dir/model.onnx" ]]; then
-  say "== export dnabert_s ($flavor, $precision, random weights)"
-  (cd export && python3 -m virnuc_export --random dnabert_s --seed 0 --attention "$flavor" \
-    --precision "$precision" --out "$dna_dir") 2>&1 | tee -a "$log"
-fi
-esm_dim=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['model']['hidden_size'])" "$esm_dir/model.json")
-if [[ ! -f "$clf_dir/classifier.json" ]]; then
-  (cd export && python3 -m virnuc_export --random-classifier --esm-dim "$esm_dim" --seed 0 \
-    --out "$clf_dir") 2>&1 | tee -a "$log"
-fi
+bash tools/gpu/predict_models.sh "$esm" "$flavor" "$precision" "$esm_dir" "$dna_dir" "$clf_dir" 2>&1 \
+  | tee -a "$log" >&2
 
 input="$work/genomes_${bases}.fa"
 if [[ ! -f "$input" ]]; then

@@ -119,17 +119,9 @@ fi
 dna_dir="$work/models/dnabert_s-$flavor-$precision"
 clf_dir="$work/models/classifier-$model"
 if has export && has predict && [[ -z "$predict_args" ]]; then
-  dna_layers=(); [[ $dry == 1 ]] && dna_layers=(--layers 1)
-  if [[ ! -f "$dna_dir/model.json" ]]; then
-    say "== export dnabert_s ($flavor, $precision, random seed 0) -> $dna_dir"
-    (cd export && python -m virnuc_export --random dnabert_s --seed 0 "${dna_layers[@]}" --attention "$flavor" \
-      --precision "$precision" --out "$dna_dir") 2>&1 | tee -a "$log" >&2
-  fi
-  if [[ ! -f "$clf_dir/classifier.json" ]]; then
-    esm_dim=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['model']['hidden_size'])" "$mdir/model.json")
-    (cd export && python -m virnuc_export --random-classifier --esm-dim "$esm_dim" --seed 0 --out "$clf_dir") \
-      2>&1 | tee -a "$log" >&2
-  fi
+  dna_layers=; [[ $dry == 1 ]] && dna_layers=1
+  bash tools/gpu/predict_models.sh "$model" "$flavor" "$precision" "$mdir" "$dna_dir" "$clf_dir" ${dna_layers:+"$dna_layers"} \
+    2>&1 | tee -a "$log" >&2
 fi
 [[ -n "$predict_args" ]] || predict_args="--esm $mdir --dnabert $dna_dir --classifier $clf_dir"
 
